@@ -1,0 +1,355 @@
+"""`AugMixCallback`: AugMix views of every training image, stacked on the device, for fastai.
+
+One training batch, in the order fastai's events run (see DESIGN.md):
+`before_batch` decodes the normalized batch to pixels with the DataLoaders' own `Normalize`,
+builds `num_splits - 1` augmented views of every image, re-encodes them and sets
+`learn.xb = (cat([clean, aug1, aug2]),)`. The model runs once on `num_splits * B` images.
+The loss sees `num_splits * B` predictions and B targets (a loss that does not consume
+splits gets its targets repeated instead). `after_loss` puts the clean block back, so
+metrics, recorders and other callbacks see B rows. Nothing is swapped, so nothing needs
+restoring after a cancelled or crashed fit.
+"""
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.mixup import MixHandler
+from fastai.callback.training import GradientAccumulation
+from fastai.data.transforms import Normalize
+from fastai.learner import Recorder
+from fastai.torch_core import retain_type
+
+from fastai_jsd.augmix import augmix, check_augmix_args
+
+__all__ = ['AugMixCallback', 'LossPartsRecorder', 'split_batchnorm', 'find_normalize']
+
+
+def find_normalize(dl):
+    """The `Normalize` transform of a DataLoader's `after_batch`, or None when it has none."""
+    pipeline = getattr(dl, 'after_batch', None)
+    transforms = getattr(pipeline, 'fs', None) or []
+    found = [t for t in transforms if isinstance(t, Normalize)]
+    return found[-1] if found else None
+
+
+def check_image_batch(xb):
+    """The single image tensor of `xb`; ValueError unless it is a float [B, C, H, W] batch, C in (1, 3)."""
+    got = _describe(xb)
+    if len(xb) != 1 or not isinstance(xb[0], torch.Tensor):
+        raise ValueError(f"AugMixCallback needs image batches (one float tensor [B, C, H, W], C = 1 or 3); "
+                         f"got {got}. Use it with an image DataLoaders (ImageBlock) or remove the callback.")
+    images = xb[0]
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or not images.is_floating_point():
+        raise ValueError(f"AugMixCallback needs image batches (one float tensor [B, C, H, W], C = 1 or 3); "
+                         f"got {got}. Use it with an image DataLoaders (ImageBlock) or remove the callback.")
+    return images
+
+
+def _describe(xb):
+    """Shapes and dtypes of a batch tuple, for error messages."""
+    parts = [f"{type(t).__name__}{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+             for t in xb]
+    return f"{len(parts)} input(s): " + ", ".join(parts)
+
+
+def repeat_rows(t, times, batch_size):
+    """`t` stacked `times` times along the first dim, as contiguous blocks matching the image splits.
+
+    Only per-image tensors (first dim `batch_size`) are repeated: CutMix's `lam` is one number for the batch.
+    """
+    if not isinstance(t, torch.Tensor) or t.ndim == 0 or t.shape[0] != batch_size or times == 1:
+        return t
+    return torch.cat([t] * times)
+
+
+def underlying_loss(loss_func):
+    """The user's loss behind fastai's MixUp/CutMix wrapper (a bound `MixHandler.lf`), else `loss_func` itself."""
+    handler = getattr(loss_func, '__self__', None)
+    if isinstance(handler, MixHandler) and hasattr(handler, 'old_lf'):
+        return handler.old_lf
+    return loss_func
+
+
+def split_batchnorm(learn, num_splits=3):
+    """Give every BatchNorm2d of `learn.model` one auxiliary BN per augmented split (timm's `--split-bn`).
+
+    The clean block goes through the original BN (same parameter names, so it is what inference and
+    `export` use); split i through `aux_bn[i-1]`. Each layer is converted in place with timm's
+    `convert_splitbn_model`; the optimizer is dropped so the next `fit` creates one that trains the new
+    parameters. BatchNorm1d layers (fastai's head) stay shared, since timm's split layer is 2-D only.
+    `export` keeps the `SplitBatchNorm2d` modules; in eval mode they behave as plain BN.
+    """
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 2:
+        raise ValueError(f"split_batchnorm needs num_splits >= 2 (one main and at least one auxiliary BN); "
+                         f"got num_splits={num_splits!r}. Use the AugMixCallback's num_splits.")
+    _split_batchnorm2d_(learn.model, num_splits)
+    learn.opt = None
+    return learn
+
+
+def _split_batchnorm2d_(module, num_splits):
+    """Replace, in place, each plain BatchNorm2d under `module` by timm's SplitBatchNorm2d on the same device."""
+    from timm.layers import SplitBatchNorm2d, convert_splitbn_model
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d) and not isinstance(child, SplitBatchNorm2d):
+            device = child.running_mean.device if child.running_mean is not None else None
+            setattr(module, name, convert_splitbn_model(child, num_splits=num_splits).to(device))
+        else:
+            _split_batchnorm2d_(child, num_splits)
+
+
+def _split_bn_counts(model):
+    """The distinct `num_splits` of the SplitBatchNorm2d layers in `model`."""
+    from timm.layers import SplitBatchNorm2d
+    return {m.num_splits for m in model.modules() if isinstance(m, SplitBatchNorm2d)}
+
+
+class AugMixCallback(Callback):
+    """Train on AugMix views of every image: clean first, then `num_splits - 1` independent augmented splits.
+
+    Use with `loss_func=JsdCrossEntropy()` for AugMix + Jensen-Shannon consistency, or with any fastai
+    loss (targets are then repeated, so it trains on all splits). `num_splits=1` replaces each image by
+    its AugMix view (the paper's "AugMix without JSD"). `augment` replaces AugMix by any callable that
+    maps a pixel batch in [0, 1] to an augmented batch of the same shape. `fill=None` fills uncovered
+    areas of rotate/shear/translate with the dataset mean colour (zero after normalization, as timm).
+    """
+    # After MixUp/CutMix (order 0) so they mix first; before GradientAccumulation (6), which counts
+    # `yb` rows in `after_loss`, and before MixedPrecision (10), so AugMix runs outside autocast in float32.
+    order = GradientAccumulation.order - 1
+    run_valid = False
+
+    def __init__(self, num_splits=3, severity=3, width=3, depth=-1, alpha=1., all_ops=False, fill=None,
+                 augment=None):
+        if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+            raise ValueError(f"num_splits must be an int >= 1 (1 = train on the AugMix view only, "
+                             f"3 = clean + 2 views as in the paper); got num_splits={num_splits!r}.")
+        if augment is not None and not callable(augment):
+            raise TypeError(f"augment must be a callable mapping a pixel batch [B, C, H, W] in [0, 1] to an "
+                            f"augmented batch of the same shape, or None for AugMix; got {type(augment).__name__}.")
+        if augment is None:
+            check_augmix_args(severity=severity, width=width, depth=depth, alpha=alpha, all_ops=all_ops)
+        self.num_splits, self.severity, self.width, self.depth = num_splits, severity, width, depth
+        self.alpha, self.all_ops, self.fill, self.augment = alpha, all_ops, fill, augment
+        self.parts_recorder = LossPartsRecorder()
+
+    # fastai sets `cb.learn` whenever a callback is added (Learner(cbs=...), add_cb, fit(cbs=...)) and
+    # clears it on removal; the loss-parts columns need a callback ordered after Recorder, so it rides along.
+    @property
+    def learn(self):
+        return self.__dict__.get('_learner')
+
+    @learn.setter
+    def learn(self, learner):
+        previous = self.__dict__.get('_learner')
+        self.__dict__['_learner'] = learner
+        companion = self.__dict__.get('parts_recorder')
+        if companion is None:
+            return
+        if learner is None and previous is not None and companion in previous.cbs:
+            previous.remove_cb(companion)
+        elif learner is not None and companion not in learner.cbs:
+            learner.add_cb(companion)
+
+    # ----- fit-level checks -----
+    def before_fit(self):
+        """Find the Normalize to decode with and check that loss and model agree with `num_splits`."""
+        self.normalize = find_normalize(self.dls.train)
+        self.split_loss = underlying_loss(self.learn.loss_func)
+        self.loss_takes_splits = bool(getattr(self.split_loss, 'consumes_splits', False))
+        loss_splits = getattr(self.split_loss, 'num_splits', None) if self.loss_takes_splits else None
+        if loss_splits is not None and loss_splits != self.num_splits:
+            raise ValueError(f"The loss expects num_splits={loss_splits} but AugMixCallback makes num_splits="
+                             f"{self.num_splits}. Pass the same number to both, or JsdCrossEntropy(num_splits=None).")
+        bn_splits = _split_bn_counts(self.learn.model)
+        if bn_splits and bn_splits != {self.num_splits}:
+            raise ValueError(f"The model has split BatchNorm for num_splits={sorted(bn_splits)} but AugMixCallback "
+                             f"makes num_splits={self.num_splits}. Call split_batchnorm(learn, {self.num_splits}).")
+
+    # ----- one training batch -----
+    def before_batch(self):
+        """Stack the clean batch and its augmented views: `learn.xb = (cat([clean, aug1, ...]),)`."""
+        images = check_image_batch(self.xb)
+        self.clean_xb, self.clean_yb = self.xb, self.yb
+        views = self.augmented_views(images, max(self.num_splits - 1, 1))
+        stacked = views if self.num_splits == 1 else torch.cat([images, views])
+        self.learn.xb = (retain_type(stacked, old=images),)
+        if self.num_splits > 1 and not self.loss_takes_splits:
+            self._repeat_targets()
+
+    def after_loss(self):
+        """Hand metrics and later callbacks the clean B rows again."""
+        if not self.training or getattr(self, 'clean_xb', None) is None:
+            return
+        batch_size = self.clean_xb[0].shape[0]
+        if self.num_splits > 1:
+            self.learn.pred = self.pred[:batch_size]
+        self.learn.xb, self.learn.yb = self.clean_xb, self.clean_yb
+        self._restore_mix_targets()
+        self.parts_recorder.accumulate(self.split_loss, batch_size)
+        self.clean_xb = self.clean_yb = None
+
+    def augmented_views(self, images, num_views):
+        """`num_views` augmented copies of normalized `images`, as contiguous blocks, normalized again."""
+        pixels = self.decode(images)
+        if num_views > 1:
+            pixels = pixels.repeat(num_views, 1, 1, 1)
+        views = self.augment_pixels(pixels)
+        return self.encode_(views)
+
+    def augment_pixels(self, pixels):
+        """The augmentation itself, on pixels in [0, 1]: AugMix unless `augment` was given."""
+        if self.augment is not None:
+            out = self.augment(pixels)
+            if not isinstance(out, torch.Tensor) or out.shape != pixels.shape:
+                raise ValueError(f"augment must return a tensor of the input's shape {tuple(pixels.shape)}; "
+                                 f"got {type(out).__name__}{tuple(getattr(out, 'shape', ()))}.")
+            return out
+        return augmix(pixels, severity=self.severity, width=self.width, depth=self.depth, alpha=self.alpha,
+                      all_ops=self.all_ops, fill=self.fill_value(pixels))
+
+    def fill_value(self, pixels):
+        """`fill`, or the dataset mean colour (so it encodes to zero) when None and the data is normalized."""
+        if self.fill is not None:
+            return self.fill
+        norm = getattr(self, 'normalize', None)
+        if norm is None:
+            return 0.
+        return torch.as_tensor(norm.mean, device=pixels.device, dtype=pixels.dtype).flatten()
+
+    def decode(self, images):
+        """Pixels in [0, 1] from a normalized batch, as a new plain tensor (no Normalize: a copy)."""
+        pixels = images.as_subclass(torch.Tensor).float()
+        norm = getattr(self, 'normalize', None)
+        if norm is None:
+            return pixels.clone()
+        mean, std = self._stats(norm, pixels)
+        return torch.addcmul(mean, pixels, std)
+
+    def encode_(self, pixels):
+        """Normalize `pixels` in place (a tensor this callback owns) with the DataLoaders' statistics."""
+        norm = getattr(self, 'normalize', None)
+        if norm is None:
+            return pixels
+        mean, std = self._stats(norm, pixels)
+        return pixels.sub_(mean).div_(std)
+
+    @staticmethod
+    def _stats(norm, like):
+        """Normalize's mean and std as [1, C, 1, 1] tensors on `like`'s device and dtype."""
+        mean = torch.as_tensor(norm.mean, device=like.device, dtype=like.dtype).reshape(1, -1, 1, 1)
+        std = torch.as_tensor(norm.std, device=like.device, dtype=like.dtype).reshape(1, -1, 1, 1)
+        return mean, std
+
+    def _mix_handler(self):
+        """fastai's MixUp/CutMix callback when it wraps the loss this batch (it then holds second targets)."""
+        for cb in self.learn.cbs:
+            if isinstance(cb, MixHandler) and getattr(cb, 'stack_y', False) and hasattr(cb, 'yb1'):
+                return cb
+        return None
+
+    def _repeat_targets(self):
+        """Repeat targets (and MixUp/CutMix's second targets and weights) for a loss that does not take splits."""
+        batch_size = self.clean_xb[0].shape[0]
+        self.learn.yb = tuple(repeat_rows(y, self.num_splits, batch_size) for y in self.yb)
+        handler = self._mix_handler()
+        self.mix_saved = None
+        if handler is not None:
+            self.mix_saved = (handler, handler.yb1, handler.lam)
+            handler.yb1 = tuple(repeat_rows(y, self.num_splits, batch_size) for y in handler.yb1)
+            handler.lam = repeat_rows(handler.lam, self.num_splits, batch_size)
+
+    def _restore_mix_targets(self):
+        """Put MixUp/CutMix's second targets and weights back to B rows."""
+        saved = getattr(self, 'mix_saved', None)
+        if saved is not None:
+            handler, handler.yb1, handler.lam = saved
+            self.mix_saved = None
+
+    # ----- looking at it -----
+    def show(self, n=8, dl=None, figsize=None):
+        """A figure of `n` training images: one row each, columns clean, aug1, aug2, ... in pixel space."""
+        import matplotlib.pyplot as plt
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int (number of images to show); got n={n!r}.")
+        loader = dl if dl is not None else self.dls.train
+        self.normalize = find_normalize(loader)
+        images = check_image_batch(loader.one_batch()[:loader.n_inp])[:n]
+        num_views = max(self.num_splits - 1, 1)
+        with torch.no_grad():
+            pixels = self.decode(images)
+            views = self.augment_pixels(pixels.repeat(num_views, 1, 1, 1))
+        columns = [pixels] + list(views.split(images.shape[0]))
+        titles = ['clean'] + [f'aug{i + 1}' for i in range(num_views)]
+        rows = images.shape[0]
+        fig, axes = plt.subplots(rows, len(columns), figsize=figsize or (1.6 * len(columns), 1.6 * rows),
+                                 squeeze=False)
+        for col, (block, title) in enumerate(zip(columns, titles)):
+            for row in range(rows):
+                _imshow(axes[row, col], block[row])
+            axes[0, col].set_title(title)
+        fig.tight_layout()
+        return fig
+
+
+def _imshow(ax, image):
+    """Draw one [C, H, W] pixel image in [0, 1] on `ax` without ticks."""
+    picture = image.detach().float().clamp(0, 1).cpu()
+    if picture.shape[0] == 1:
+        ax.imshow(picture[0].numpy(), cmap='gray', vmin=0, vmax=1)
+    else:
+        ax.imshow(picture.permute(1, 2, 0).numpy())
+    ax.axis('off')
+
+
+class LossPartsRecorder(Callback):
+    """Adds the training epochs' cross-entropy and consistency parts to fastai's results table.
+
+    Added and removed together with `AugMixCallback`. It runs after `Recorder` (which builds the
+    column names in `before_fit` and the row in `after_train`) and before `ProgressCallback` prints
+    the header, so names and values stay aligned for `final_record`, `recorder.values` and
+    `SaveModelCallback(monitor=...)`.
+    """
+    order = Recorder.order + 1
+    part_names = ('train_ce', 'train_jsd')
+
+    def __init__(self):
+        self.totals, self.count, self.showing = None, 0, False
+
+    def before_fit(self):
+        """Insert the part columns after 'train_loss' when the loss reports its parts."""
+        augmix_cb = next((cb for cb in self.learn.cbs if isinstance(cb, AugMixCallback)), None)
+        split_loss = getattr(augmix_cb, 'split_loss', None)
+        self.showing = hasattr(split_loss, 'last_consistency') and hasattr(self.learn, 'recorder')
+        if not self.showing:
+            return
+        names = list(self.recorder.metric_names)
+        at = self._train_loss_index(names)
+        self.recorder.metric_names = type(self.recorder.metric_names)(names[:at] + list(self.part_names) + names[at:])
+
+    @staticmethod
+    def _train_loss_index(names):
+        """Where the parts go: right after the training loss column."""
+        for key in ('train_loss',):
+            if key in names:
+                return names.index(key) + 1
+        return 2
+
+    def before_train(self):
+        self.totals, self.count = None, 0
+
+    def accumulate(self, split_loss, batch_size):
+        """Add one batch's parts, weighted by its size; tensors stay on the device (no sync per batch)."""
+        ce_part = getattr(split_loss, 'last_cross_entropy', None)
+        consistency = getattr(split_loss, 'last_consistency', None)
+        if ce_part is None or consistency is None:
+            return
+        batch = torch.stack([torch.as_tensor(ce_part).float(), torch.as_tensor(consistency).float()]) * batch_size
+        self.totals = batch if self.totals is None else self.totals + batch.to(self.totals.device)
+        self.count += batch_size
+
+    def after_train(self):
+        """Put the epoch means of the parts into the row Recorder is building."""
+        if not self.showing or getattr(self.recorder, 'cancel_train', False):
+            return
+        values = (self.totals / self.count).tolist() if self.count else [float('nan')] * 2
+        log = list(self.recorder.log)
+        at = self._train_loss_index(list(self.recorder.metric_names))
+        self.recorder.log = type(self.recorder.log)(log[:at] + values + log[at:])

@@ -1,0 +1,212 @@
+"""Batched AugMix op kernels: pure functions of float `[B, C, H, W]` images in [0, 1].
+
+Each kernel matches the PIL call of the original AugMix code (`ImageOps`, `ImageEnhance`)
+on the same image, takes its per-image parameter as a Python number or a `[B]` tensor,
+never modifies its input, keeps dtype and device, and never loops over images.
+"""
+import numbers
+
+import torch
+from torch import Tensor
+
+from fastai_jsd._checks import check_images, per_image
+
+
+# PIL's RGB -> 'L' weights (ITU-R 601-2 luma) in its own 16-bit fixed point: L = (19595 R + 38470 G
+# + 7471 B + 0x8000) >> 16 (Convert.c). Exact fractions, so a gray pixel maps to itself.
+_LUMA_WEIGHTS = (19595 / 65536, 38470 / 65536, 7471 / 65536)
+
+
+def _accumulation_dtype(x):
+    """float32 for half-precision images (sums and 0..255 levels need more than 8-11 bits), else x's dtype."""
+    return torch.float32 if x.element_size() < 4 else x.dtype
+
+
+def autocontrast(x):
+    """Stretch every channel of every image to span [0, 1]; matches `ImageOps.autocontrast(img)`.
+
+    PIL maps the darkest value of each channel to 0 and the brightest to 255, leaving a flat
+    channel unchanged. PIL truncates `v * scale + offset` to an integer; the float result is
+    the exact line it truncates, so it stays below PIL's value + 1/255.
+    """
+    check_images(x)
+    low = x.amin(dim=(-2, -1), keepdim=True)
+    high = x.amax(dim=(-2, -1), keepdim=True)
+    flat = high <= low
+    span = high.sub_(low).masked_fill_(flat, 1.0)
+    # (v - low) / span rather than a fused v * scale - offset: the extremes land exactly on 0 and 1,
+    # and the result cannot leave [0, 1].
+    return torch.sub(x, low.masked_fill_(flat, 0.0)).div_(span)
+
+
+def equalize(x):
+    """Equalize the histogram of every channel of every image; matches `ImageOps.equalize(img)`.
+
+    Works on the 256 levels PIL sees (`round(255 v)`, rounded so float noise does not drop a
+    level), so the output is quantized to multiples of 1/255, including channels PIL leaves
+    unchanged (a single value, or fewer than 255 pixels below the channel's maximum).
+    """
+    check_images(x)
+    batch, channels, height, width = x.shape
+    scaled = torch.mul(x, 255.0, out=torch.empty(x.shape, dtype=_accumulation_dtype(x), device=x.device))
+    levels = scaled.add_(0.5).clamp_(0.0, 255.0).to(torch.int32)
+    # One histogram for the whole batch: channel k of the batch counts into bins [256 k, 256 k + 256).
+    offsets = torch.arange(0, batch * channels * 256, 256, dtype=torch.int32, device=x.device)
+    flat_index = levels.add_(offsets.view(batch, channels, 1, 1)).view(-1)
+    counts = _bin_counts(flat_index, batch * channels * 256).view(batch * channels, 256)
+    lut = _pil_equalize_lut(counts, height * width).to(scaled.dtype).div_(255).view(-1)
+    # The LUT lookup overwrites the scaled-levels buffer (no longer needed) instead of a fresh tensor.
+    out = torch.index_select(lut, 0, flat_index, out=scaled.view(-1)).view(x.shape)
+    return out.to(x.dtype)
+
+
+def _bin_counts(flat_index, bins):
+    """Histogram of non-negative int32 indices into `bins` bins, without a host sync on any device."""
+    # index_add_ rather than bincount: CUDA's bincount reads the largest index back to the host
+    # to size its output. On CPU the two run at the same speed.
+    counts = torch.zeros(bins, dtype=torch.int32, device=flat_index.device)
+    return counts.index_add_(0, flat_index, counts.new_ones(1).expand(flat_index.numel()))
+
+
+def _pil_equalize_lut(counts, pixels):
+    """PIL's `ImageOps.equalize` lookup table (levels 0..255) for every row of per-level pixel counts `[N, 256]`."""
+    cumulative = counts.cumsum(-1)
+    # step = (pixels - pixels at the channel's top level) // 255; the top level is where the
+    # cumulative count first reaches its total.
+    top = cumulative.argmax(-1, keepdim=True)
+    step = (pixels - counts.gather(-1, top)).div_(255, rounding_mode='floor')
+    # lut[i] = (step // 2 + pixels below level i) // step, which can pass 255: Image.point clips it.
+    below = torch.cat([cumulative.new_zeros(len(counts), 1), cumulative[:, :-1]], dim=1)
+    lut = below.add_(step // 2).div_(step.clamp(min=1), rounding_mode='floor').clamp_(max=255)
+    # PIL leaves a channel unchanged when step is 0, which includes every single-valued channel.
+    identity = torch.arange(256, dtype=lut.dtype, device=lut.device).expand_as(lut)
+    return torch.where(step > 0, lut, identity)
+
+
+def _posterize_step(bits, x):
+    """PIL's quantization step 2 ** (8 - bits) per image as `[B, 1, 1, 1]`, after checking bits is an integer in 1..8."""
+    if isinstance(bits, Tensor):
+        step = per_image(bits, x, 'bits', dtype=_accumulation_dtype(x))
+        # One host sync, so a bad value fails here instead of producing a wrong image.
+        valid = (step >= 1) & (step <= 8) & (step == step.round())
+        if not bool(valid.all()):
+            raise ValueError(f"bits must be integers in 1..8 (PIL's ImageOps.posterize range), got "
+                             f"{step[~valid].view(-1).tolist()} among the {len(step)} values.")
+        return torch.exp2(8 - step)
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Real):
+        raise TypeError(f"bits must be an integer in 1..8 or a [B] tensor of them, got {bits!r} "
+                        f"of type {type(bits).__name__}.")
+    if not (1 <= bits <= 8 and bits == int(bits)):
+        raise ValueError(f"bits must be an integer in 1..8 (PIL's ImageOps.posterize range) or a [B] tensor "
+                         f"of them, got {bits!r}.")
+    return per_image(2 ** (8 - int(bits)), x, 'bits', dtype=_accumulation_dtype(x))
+
+
+def posterize(x, bits):
+    """Keep the top `bits` (1..8) bits of every 8-bit level; matches `ImageOps.posterize(img, bits)`.
+
+    PIL keeps `level & ~(2 ** (8 - bits) - 1)`, i.e. `floor(level / step) * step`. With
+    `level = round(255 v)` that is `floor((255 v + 0.5) / step) * step`, one fused pass.
+    """
+    check_images(x)
+    step = _posterize_step(bits, x)
+    work_dtype = _accumulation_dtype(x)
+    out = torch.addcmul(0.5 / step, x.to(work_dtype), 255.0 / step).floor_().mul_(step / 255.0)
+    return out.to(x.dtype)
+
+
+def solarize(x, threshold):
+    """Invert pixels at or above `threshold` (0..1 scale); matches `ImageOps.solarize(img, T)` for threshold T / 255.
+
+    Like posterize and equalize this works on PIL's 256 levels: a pixel is inverted when its
+    level `round(255 v)` is at least `round(255 threshold)`, so float noise from decoding
+    normalized images (or float16 rounding) cannot flip a pixel that sits on the threshold.
+    A threshold of 256 / 255 (PIL's T = 256) inverts nothing; 0 inverts everything.
+    """
+    check_images(x)
+    level = per_image(threshold, x, 'threshold', dtype=_accumulation_dtype(x)).mul(255).round_()
+    # round(255 v) >= T  <=>  v >= (T - 0.5) / 255, so no pixel needs rounding.
+    threshold = level.sub_(0.5).div_(255).to(x.dtype)
+    # |[v >= t] - v| is v below the threshold and 1 - v at or above it, in two in-place passes.
+    out = torch.ge(x, threshold, out=torch.empty_like(x))
+    return out.sub_(x).abs_()
+
+
+def _blend(degenerate, x, factor):
+    """PIL's `Image.blend(degenerate, img, factor)`: `degenerate + factor * (img - degenerate)`, clipped to [0, 1].
+
+    PIL truncates the result to an integer; the float result is the value it truncates.
+    """
+    return torch.lerp(degenerate, x, factor).clamp_(0.0, 1.0)
+
+
+def color(x, factor):
+    """Blend every image with its grayscale version; matches `ImageEnhance.Color(img).enhance(factor)`.
+
+    The grayscale uses PIL's 'L' conversion weights; a 1-channel image is already gray, so
+    PIL (and this kernel) return it unchanged.
+    """
+    check_images(x)
+    factor = per_image(factor, x, 'factor')
+    if x.shape[1] == 1:
+        return x.clone()
+    red, green, blue = _LUMA_WEIGHTS
+    gray = torch.mul(x[:, 0:1], red).add_(x[:, 1:2], alpha=green).add_(x[:, 2:3], alpha=blue)
+    return _blend(gray.expand_as(x), x, factor)
+
+
+def contrast(x, factor):
+    """Blend every image with a constant gray at its mean luma; matches `ImageEnhance.Contrast(img).enhance(factor)`.
+
+    PIL's gray level is the mean of the 'L' conversion rounded to an integer level
+    (`int(mean + 0.5)`), so the mean here is rounded to a multiple of 1/255 too.
+    """
+    check_images(x)
+    factor = per_image(factor, x, 'factor')
+    channel_means = x.mean(dim=(-2, -1), dtype=_accumulation_dtype(x))
+    if x.shape[1] == 3:
+        weights = torch.tensor(_LUMA_WEIGHTS, dtype=channel_means.dtype, device=x.device)
+        mean = channel_means @ weights
+    else:
+        mean = channel_means[:, 0]
+    mean = mean.mul_(255).add_(0.5).floor_().div_(255).to(x.dtype).view(-1, 1, 1, 1)
+    return _blend(mean, x, factor)
+
+
+def brightness(x, factor):
+    """Scale every image towards black; matches `ImageEnhance.Brightness(img).enhance(factor)` (a blend with 0)."""
+    check_images(x)
+    factor = per_image(factor, x, 'factor')
+    return torch.mul(x, factor).clamp_(0.0, 1.0)
+
+
+def sharpness(x, factor):
+    """Blend every image with its smoothed version; matches `ImageEnhance.Sharpness(img).enhance(factor)`.
+
+    PIL's degenerate image is `ImageFilter.SMOOTH` ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13)
+    with the one-pixel border copied unfiltered, so border pixels never change; images
+    smaller than 3 x 3 are returned unchanged (Filter.c).
+    """
+    check_images(x)
+    factor = per_image(factor, x, 'factor')
+    height, width = x.shape[-2:]
+    # Inside: x + (1 - f) * (smooth - x) = (1 - 8 a) x + a * (sum of the 8 neighbours), a = (1 - f) / 13,
+    # accumulated in place on the output instead of materializing the smoothed image.
+    neighbour_weight = (1.0 - factor) / 13.0
+    out = torch.mul(x, 1.0 - 8.0 * neighbour_weight)
+    inside = out[..., 1:-1, 1:-1]
+    for dy in range(3):
+        for dx in range(3):
+            if dy != 1 or dx != 1:
+                inside.addcmul_(x[..., dy:height - 2 + dy, dx:width - 2 + dx], neighbour_weight)
+    for border in ((..., 0, slice(None)), (..., -1, slice(None)), (..., slice(None), 0), (..., slice(None), -1)):
+        out[border] = x[border]
+    return out.clamp_(0.0, 1.0)
+
+
+# The geometric kernels live in geometry.py (they share one affine-warp implementation); the op set is
+# public here as one namespace, as DESIGN.md lists it.
+from fastai_jsd.geometry import rotate, shear_x, shear_y, translate_x, translate_y  # noqa: E402
+
+__all__ = ['check_images', 'per_image', 'autocontrast', 'equalize', 'posterize', 'solarize', 'rotate', 'shear_x',
+           'shear_y', 'translate_x', 'translate_y', 'color', 'contrast', 'brightness', 'sharpness']

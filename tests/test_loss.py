@@ -1,0 +1,486 @@
+"""JsdCrossEntropy: timm's values and gradients, the seed notebook's numbers, fastai's loss protocol."""
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.loss import JsdCrossEntropy as TimmJsd
+from timm.loss import LabelSmoothingCrossEntropy as TimmLabelSmoothing
+
+from fastai_jsd import JsdCrossEntropy
+from fastai_jsd.loss import jensen_shannon, smoothed_cross_entropy
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "jsd_loss_explained.py"
+
+
+def random_logits(rows, n_classes, seed=0, scale=3., dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, n_classes, generator=generator, dtype=dtype) * scale
+
+
+def random_targets(n_images, n_classes, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n_classes, (n_images,), generator=generator)
+
+
+def value_and_grad(loss_func, logits, target):
+    leaf = logits.clone().requires_grad_()
+    value = loss_func(leaf, target)
+    value.sum().backward()
+    return value.detach(), leaf.grad
+
+
+def timm_clean_cross_entropy(logits, target, smoothing):
+    "The cross-entropy half of timm's loss, on the clean block."
+    clean = logits[:len(target)]
+    if smoothing:
+        return TimmLabelSmoothing(smoothing)(clean, target)
+    return F.cross_entropy(clean, target)
+
+
+def timm_per_image(logits, target, k, alpha, smoothing):
+    "timm's loss for each clean image alone (its k rows and its target): what reduction='none' must give."
+    n_images = len(target)
+    loss = TimmJsd(num_splits=k, alpha=alpha, smoothing=smoothing)
+    return torch.stack([loss(logits[i::n_images], target[i:i + 1]) for i in range(n_images)])
+
+
+# --- timm reference: value and gradient --------------------------------------------------------
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("n_classes", [2, 10, 1000])
+@pytest.mark.parametrize("alpha", [0, 1, 12])
+@pytest.mark.parametrize("smoothing", [0, 0.1])
+def test_matches_timm_value_and_gradient(k, n_classes, alpha, smoothing):
+    logits = random_logits(k * 6, n_classes, seed=k * n_classes + alpha)
+    target = random_targets(6, n_classes)
+    ours, our_grad = value_and_grad(JsdCrossEntropy(k, alpha, smoothing), logits, target)
+    theirs, their_grad = value_and_grad(TimmJsd(k, alpha, smoothing), logits, target)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(our_grad, their_grad, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_matches_timm_in_float32_and_with_any_split_count(k):
+    logits = random_logits(k * 8, 10, seed=k, dtype=torch.float32)
+    target = random_targets(8, 10)
+    theirs, their_grad = value_and_grad(TimmJsd(k), logits, target)
+    for ours_func in (JsdCrossEntropy(k), JsdCrossEntropy(num_splits=None)):
+        ours, our_grad = value_and_grad(ours_func, logits, target)
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(our_grad, their_grad)
+
+
+@pytest.mark.parametrize("smoothing", [0, 0.1])
+def test_one_split_is_label_smoothed_cross_entropy(smoothing):
+    logits = random_logits(12, 7)
+    target = random_targets(12, 7)
+    ours, our_grad = value_and_grad(JsdCrossEntropy(smoothing=smoothing), logits, target)
+    reference = lambda x, y: F.cross_entropy(x, y, label_smoothing=smoothing)
+    theirs, their_grad = value_and_grad(reference, logits, target)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(our_grad, their_grad)
+    torch.testing.assert_close(ours, timm_clean_cross_entropy(logits, target, smoothing))
+
+
+def test_timm_smoothing_none_means_no_smoothing():
+    logits = random_logits(9, 5)
+    target = random_targets(3, 5)
+    torch.testing.assert_close(JsdCrossEntropy(smoothing=None)(logits, target),
+                               TimmJsd(smoothing=None)(logits, target))
+
+
+# --- the seed notebook ------------------------------------------------------------------------
+
+def test_notebook_clean_row_cross_entropy():
+    outputs = F.one_hot(torch.tensor([0, 9, 0])).float()
+    target = torch.tensor([0])
+    loss = JsdCrossEntropy(smoothing=0, alpha=0)(outputs, target)
+    torch.testing.assert_close(loss, F.cross_entropy(outputs[:1], target))
+    torch.testing.assert_close(loss, TimmJsd(smoothing=0, alpha=0)(outputs, target))
+    assert round(loss.item(), 4) == 1.4612  # the value the notebook printed
+
+
+def test_notebook_two_splits_is_cross_entropy_of_the_clean_rows():
+    outputs = F.one_hot(torch.tensor([0, 9, 1, 0])).float()
+    target = torch.tensor([0, 9])
+    loss = JsdCrossEntropy(num_splits=2, smoothing=0, alpha=0)(outputs, target)
+    torch.testing.assert_close(loss, F.cross_entropy(outputs[:2], target))
+    torch.testing.assert_close(loss, TimmJsd(num_splits=2, smoothing=0, alpha=0)(outputs, target))
+
+
+def notebook_moved_outputs(delta):
+    outputs = F.one_hot(torch.tensor([0, 0, 0]), num_classes=10).float()
+    outputs[2, 0] += delta
+    return outputs
+
+
+def timm_jsd_term(outputs, target):
+    return (TimmJsd(smoothing=0, alpha=1)(outputs, target) - F.cross_entropy(outputs[:1], target)).item()
+
+
+def test_notebook_jsd_is_zero_for_identical_rows_and_grows_as_one_split_moves():
+    target = torch.tensor([0])
+    loss = JsdCrossEntropy(smoothing=0, alpha=1)
+    deltas = (torch.arange(-10, 11) / 10).tolist()
+    divergences = []
+    for delta in deltas:
+        outputs = notebook_moved_outputs(delta)
+        loss(outputs, target)
+        divergences.append(loss.last_consistency.item())
+        assert divergences[-1] == pytest.approx(timm_jsd_term(outputs, target), abs=1e-6)
+    assert divergences[10] == pytest.approx(0, abs=1e-7)
+    left, right = divergences[:11], divergences[10:]
+    assert all(a > b for a, b in zip(left, left[1:]))
+    assert all(a < b for a, b in zip(right, right[1:]))
+
+
+@pytest.mark.slow  # a fresh interpreter importing fastai.vision.all: 5-20 s on 2 busy cores
+def test_example_script_runs_and_prints_the_notebook_values(tmp_path):
+    result = subprocess.run([sys.executable, str(EXAMPLE), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout
+    assert (tmp_path / "out" / "jsd_vs_output_change.png").stat().st_size > 1000
+    assert str(tmp_path / "out" / "jsd_vs_output_change.png") in printed
+
+    def number_after(label):
+        return float(re.search(re.escape(label) + r"\s*:\s*(-?[0-9.]+)", printed).group(1))
+
+    outputs = F.one_hot(torch.tensor([0, 9, 0])).float()
+    assert number_after("clean-row cross-entropy") == 1.4612
+    assert number_after("clean-row cross-entropy") == round(
+        F.cross_entropy(outputs[:1], torch.tensor([0])).item(), 4)
+    outputs2 = F.one_hot(torch.tensor([0, 9, 1, 0])).float()
+    assert number_after("num_splits=2 loss") == round(
+        F.cross_entropy(outputs2[:2], torch.tensor([0, 9])).item(), 4)
+    assert number_after("JSD term, three identical rows") == 0
+    assert "pass num_splits=2 or None" in printed
+    plotted = {float(d): float(j) for d, j in re.findall(r"delta ([-+][0-9.]+): JSD ([0-9.]+)", printed)}
+    assert len(plotted) == 21
+    for delta, divergence in plotted.items():
+        expected = timm_jsd_term(notebook_moved_outputs(delta), torch.tensor([0]))
+        assert divergence == pytest.approx(expected, abs=2e-6)
+
+
+# --- reductions, the last batch's parts --------------------------------------------------------
+
+@pytest.mark.parametrize("smoothing", [0, 0.1])
+def test_reduction_none_gives_timm_loss_per_clean_image(smoothing):
+    logits = random_logits(15, 6)
+    target = random_targets(5, 6)
+    loss = JsdCrossEntropy(alpha=12, smoothing=smoothing, reduction="none")
+    per_image = loss(logits, target)
+    assert per_image.shape == (5,)
+    torch.testing.assert_close(per_image, timm_per_image(logits, target, 3, 12, smoothing))
+    loss.reduction = "mean"
+    torch.testing.assert_close(loss(logits, target), per_image.mean())
+    torch.testing.assert_close(loss(logits, target), TimmJsd(3, 12, smoothing)(logits, target))
+    loss.reduction = "sum"
+    torch.testing.assert_close(loss(logits, target), per_image.sum())
+
+
+def test_last_parts_add_up_to_the_mean_loss_and_match_timm():
+    loss = JsdCrossEntropy(reduction="sum")
+    assert loss.last_cross_entropy is None and loss.last_consistency is None
+    logits = random_logits(12, 5, dtype=torch.float32).requires_grad_()
+    target = random_targets(4, 5)
+    loss(logits, target)
+    for part in (loss.last_cross_entropy, loss.last_consistency):
+        assert part.shape == () and part.dtype == torch.float32 and not part.requires_grad
+    timm_value = TimmJsd()(logits, target)
+    clean_cross_entropy = timm_clean_cross_entropy(logits, target, 0.1)
+    torch.testing.assert_close(loss.last_cross_entropy, clean_cross_entropy.detach())
+    torch.testing.assert_close(loss.last_consistency, (timm_value - clean_cross_entropy).detach())
+    torch.testing.assert_close(loss.last_cross_entropy + loss.last_consistency, timm_value.detach())
+
+
+def test_last_consistency_is_zero_for_one_split():
+    loss = JsdCrossEntropy()
+    logits = random_logits(4, 5)
+    target = random_targets(4, 5)
+    loss(logits, target)
+    assert loss.last_consistency.item() == 0
+    torch.testing.assert_close(loss.last_cross_entropy, F.cross_entropy(logits, target, label_smoothing=0.1))
+
+
+def test_does_not_modify_its_inputs():
+    logits = random_logits(9, 4)
+    target = random_targets(3, 4)
+    soft = F.one_hot(target, 4).double()
+    copies = [logits.clone(), target.clone(), soft.clone()]
+    JsdCrossEntropy()(logits, target)
+    JsdCrossEntropy(reduction="none")(logits, soft)
+    for original, copy in zip((logits, target, soft), copies):
+        assert torch.equal(original, copy)
+
+
+# --- soft targets --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("smoothing", [0, 0.1])
+def test_one_hot_soft_target_equals_integer_target(k, smoothing):
+    logits = random_logits(k * 5, 6)
+    target = random_targets(5, 6)
+    loss = JsdCrossEntropy(smoothing=smoothing, reduction="none")
+    soft_value, soft_grad = value_and_grad(loss, logits, F.one_hot(target, 6).double())
+    int_value, int_grad = value_and_grad(loss, logits, target)
+    torch.testing.assert_close(soft_value, int_value)
+    torch.testing.assert_close(soft_grad, int_grad)
+
+
+@pytest.mark.parametrize("smoothing", [0, 0.1])
+def test_mixed_soft_target_mixes_the_per_image_losses(smoothing):
+    logits = random_logits(15, 6)
+    target_a = random_targets(5, 6, seed=1)
+    target_b = random_targets(5, 6, seed=2)
+    lam = torch.tensor([0., 0.2, 0.5, 0.7, 1.], dtype=torch.float64)
+    mixed = lam[:, None] * F.one_hot(target_a, 6) + (1 - lam[:, None]) * F.one_hot(target_b, 6)
+    loss = JsdCrossEntropy(smoothing=smoothing, reduction="none")
+    expected = lam * loss(logits, target_a) + (1 - lam) * loss(logits, target_b)
+    torch.testing.assert_close(loss(logits, mixed), expected)
+
+
+@pytest.mark.parametrize("smoothing", [0, 0.1])
+def test_soft_target_smoothing_matches_torch(smoothing):
+    "torch's label smoothing of probability targets is timm's formula: (1-s)*CE(target) + s*mean(-log p)."
+    logits = random_logits(6, 8)
+    soft = torch.distributions.Dirichlet(torch.ones(8, dtype=torch.float64)).sample((6,))
+    expected = F.cross_entropy(logits, soft, label_smoothing=smoothing, reduction="none")
+    torch.testing.assert_close(smoothed_cross_entropy(logits, soft, smoothing), expected)
+    torch.testing.assert_close(JsdCrossEntropy(smoothing=smoothing, reduction="none")(logits, soft), expected)
+
+
+# --- numerics beyond timm ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("smoothing", [0, 0.1])
+def test_huge_logits_give_finite_loss_and_gradients(smoothing):
+    logits = random_logits(12, 10, dtype=torch.float32, scale=1e4)
+    target = random_targets(4, 10)
+    value, grad = value_and_grad(JsdCrossEntropy(smoothing=smoothing), logits, target)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    assert value > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits_give_a_float32_loss(dtype):
+    half_logits = random_logits(12, 10, dtype=torch.float32).to(dtype)
+    target = random_targets(4, 10)
+    loss = JsdCrossEntropy()
+    leaf = half_logits.clone().requires_grad_()
+    value = loss(leaf, target)
+    value.backward()
+    assert value.dtype == torch.float32
+    assert loss.last_cross_entropy.dtype == loss.last_consistency.dtype == torch.float32
+    assert leaf.grad.dtype == dtype and torch.isfinite(leaf.grad.float()).all()
+    torch.testing.assert_close(value, TimmJsd()(half_logits.float(), target))
+
+
+def test_helpers_are_per_sample():
+    logits = random_logits(12, 5)
+    target = random_targets(4, 5)
+    assert smoothed_cross_entropy(logits[:4], target, 0.1).shape == (4,)
+    divergence = jensen_shannon(logits.view(3, 4, 5))
+    assert divergence.shape == (4,) and (divergence >= 0).all()
+    assert jensen_shannon(logits[:4].expand(3, 4, 5)).abs().max() < 1e-12
+
+
+# --- fastai protocol ----------------------------------------------------------------------------
+
+def test_activation_decodes_and_y_int():
+    loss = JsdCrossEntropy()
+    logits = random_logits(6, 4)
+    torch.testing.assert_close(loss.activation(logits), torch.softmax(logits, dim=-1))
+    assert torch.equal(loss.decodes(logits), logits.argmax(dim=-1))
+    assert JsdCrossEntropy.y_int is True
+
+
+def test_none_reduce_sets_and_restores_reduction():
+    from fastai.layers import NoneReduce
+    loss = JsdCrossEntropy(reduction="sum")
+    logits = random_logits(9, 4)
+    target = random_targets(3, 4)
+    with NoneReduce(loss) as unreduced:
+        per_image = unreduced(logits, target)
+    assert per_image.shape == (3,)
+    assert loss.reduction == "sum"
+    torch.testing.assert_close(loss(logits, target), per_image.sum())
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_fastai_mixup_loss_wrapper(k):
+    "fastai's MixHandler.lf: the loss under NoneReduce for two integer targets, lerped with a per-image lam."
+    from fastai.callback.mixup import MixHandler
+    logits = random_logits(k * 5, 6)
+    target = random_targets(5, 6, seed=1)
+    shuffled_target = random_targets(5, 6, seed=2)
+    lam = torch.tensor([0.5, 0.6, 0.7, 0.8, 0.9], dtype=torch.float64)
+    loss = JsdCrossEntropy(num_splits=3)
+    handler = SimpleNamespace(training=True, old_lf=loss, yb1=(shuffled_target,), lam=lam)
+    mixed = MixHandler.lf(handler, logits, target)
+    if k == 1:
+        per_image = lambda y: F.cross_entropy(logits, y, label_smoothing=0.1, reduction="none")
+    else:
+        per_image = lambda y: timm_per_image(logits, y, k, 12, 0.1)
+    expected = torch.lerp(per_image(shuffled_target), per_image(target), lam).mean()
+    torch.testing.assert_close(mixed, expected)
+    assert loss.reduction == "mean"
+
+
+def test_pickles_without_the_last_batch():
+    loss = JsdCrossEntropy(num_splits=2, alpha=3, smoothing=0.05, reduction="sum")
+    logits = random_logits(8, 5)
+    target = random_targets(4, 5)
+    value = loss(logits, target)
+    restored = pickle.loads(pickle.dumps(loss))
+    assert restored.last_cross_entropy is None and restored.last_consistency is None
+    assert loss.last_cross_entropy is not None  # the original keeps its own
+    assert (restored.num_splits, restored.alpha, restored.smoothing, restored.reduction) == (2, 3, 0.05, "sum")
+    torch.testing.assert_close(restored(logits, target), value)
+
+
+def tiny_learner(loss_func, tmp_path, cbs=None):
+    "A real fastai Learner on the CPU: 3-class synthetic 1x2x2 'images' (CutMix needs [B, C, H, W]), an MLP."
+    from fastai.data.core import Datasets
+    from fastai.data.transforms import ItemGetter
+    from fastai.learner import Learner
+    import fastai.callback.progress  # noqa: F401  (adds Learner.no_bar)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(96, 1, 2, 2, generator=generator)
+    labels = (images[:, 0, 0, 0] > 0).long() + (images[:, 0, 0, 1] > 0.5).long()
+    items = list(zip(images, labels))
+    dsets = Datasets(items, tfms=[[ItemGetter(0)], [ItemGetter(1)]], splits=[list(range(64)), list(range(64, 96))])
+    dls = dsets.dataloaders(bs=16, device="cpu", shuffle=False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    return Learner(dls, model, loss_func=loss_func, cbs=cbs, path=tmp_path)
+
+
+def test_fastai_learner_fit_get_preds_with_loss_and_export(tmp_path):
+    from fastai.learner import load_learner
+    loss = JsdCrossEntropy()
+    learn = tiny_learner(loss, tmp_path)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-2)
+        probs, targets, decoded, losses = learn.get_preds(with_loss=True, with_decoded=True)
+    assert loss.reduction == "mean"
+    valid_x = torch.stack([x for x, _ in learn.dls.valid_ds])
+    with torch.no_grad():
+        logits = learn.model(valid_x)
+    torch.testing.assert_close(probs, torch.softmax(logits, dim=-1))
+    assert torch.equal(decoded, logits.argmax(dim=-1))
+    torch.testing.assert_close(losses, F.cross_entropy(logits, targets, label_smoothing=0.1, reduction="none"))
+    with learn.no_bar(), learn.no_logging():
+        valid_loss = learn.validate()[0]
+    assert valid_loss == pytest.approx(losses.mean().item(), rel=1e-5)
+
+    learn.export(tmp_path / "export.pkl")
+    loaded = load_learner(tmp_path / "export.pkl")
+    assert isinstance(loaded.loss_func, JsdCrossEntropy)
+    assert loaded.loss_func.last_cross_entropy is None and loaded.loss_func.last_consistency is None
+    assert loss.last_cross_entropy is not None
+
+
+def stack_splits_callback():
+    "A stand-in for AugMixCallback: the clean batch plus two noisy views, stacked clean first (k = 3)."
+    from fastai.callback.core import Callback
+
+    class StackSplits(Callback):
+        order = 1  # after MixUp/CutMix (order 0), which mix the clean images
+        run_valid = False
+
+        def before_batch(self):
+            generator = torch.Generator().manual_seed(self.iter)
+            noise = torch.randn(self.x.shape, generator=generator) * 0.1
+            self.learn.xb = (torch.cat([self.x, self.x + noise, self.x - noise]),)
+
+    return StackSplits()
+
+
+@pytest.mark.parametrize("mix", ["MixUp", "CutMix"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_fastai_learner_trains_with_mixup_and_cutmix(tmp_path, mix, k):
+    import fastai.callback.mixup as mixup
+    loss = JsdCrossEntropy()
+    cbs = [getattr(mixup, mix)()] + ([stack_splits_callback()] if k == 3 else [])
+    learn = tiny_learner(loss, tmp_path, cbs=cbs)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-2)
+    assert learn.loss_func is loss and loss.reduction == "mean"
+    assert torch.isfinite(torch.tensor(learn.recorder.losses)).all()
+    assert len(learn.recorder.losses) == 4
+
+
+# --- bad input: ValueError before any work, naming the shapes and the fix ----------------------
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(num_splits=0), "num_splits"), (dict(num_splits=-2), "num_splits"), (dict(num_splits=2.5), "num_splits"),
+    (dict(num_splits=True), "num_splits"), (dict(alpha=-1), "alpha"), (dict(alpha=float("inf")), "alpha"),
+    (dict(alpha="12"), "alpha"), (dict(smoothing=-0.1), "smoothing"), (dict(smoothing=1), "smoothing"),
+    (dict(smoothing=1.5), "smoothing"), (dict(reduction="batchmean"), "reduction"), (dict(reduction=None), "reduction"),
+])
+def test_bad_constructor_arguments_raise(kwargs, named):
+    with pytest.raises(ValueError, match=named) as error:
+        JsdCrossEntropy(**kwargs)
+    assert repr(next(iter(kwargs.values()))) in str(error.value)
+
+
+def test_bad_reduction_set_later_raises_at_call_time():
+    loss = JsdCrossEntropy()
+    loss.reduction = "avg"
+    with pytest.raises(ValueError, match=r"reduction must be one of 'mean', 'sum' or 'none', got 'avg'"):
+        loss(random_logits(3, 4), random_targets(1, 4))
+    assert loss.last_cross_entropy is None  # nothing computed
+
+
+def test_rows_not_a_multiple_of_targets_raises():
+    with pytest.raises(ValueError, match=r"\(10, 4\).*\(3,\).*one target per clean image"):
+        JsdCrossEntropy()(random_logits(10, 4), random_targets(3, 4))
+    with pytest.raises(ValueError, match=r"\(0, 4\).*\(0,\)"):
+        JsdCrossEntropy()(random_logits(0, 4), random_targets(0, 4))
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_split_count_contradicting_num_splits_raises(k):
+    with pytest.raises(ValueError, match=rf"\({k * 3}, 5\).*\(3,\).*pass num_splits={k} or None") as error:
+        JsdCrossEntropy(num_splits=3)(random_logits(k * 3, 5), random_targets(3, 5))
+    assert f"k={k}" in str(error.value) and "num_splits=3" in str(error.value)
+
+
+def test_num_splits_none_accepts_any_split_count():
+    loss = JsdCrossEntropy(num_splits=None)
+    for k in (1, 2, 5):
+        logits = random_logits(k * 3, 4)
+        target = random_targets(3, 4)
+        expected = TimmJsd(k)(logits, target) if k > 1 else F.cross_entropy(logits, target, label_smoothing=0.1)
+        torch.testing.assert_close(loss(logits, target), expected)
+
+
+@pytest.mark.parametrize("shape", [(6,), (2, 3, 4), (2, 3, 2, 2)])
+def test_predictions_that_are_not_2d_raise(shape):
+    with pytest.raises(ValueError, match=re.escape(f"got {shape}") + ".*pred.view"):
+        JsdCrossEntropy()(torch.zeros(shape), torch.zeros(shape[0], dtype=torch.long))
+
+
+def test_soft_targets_with_the_wrong_class_count_raise():
+    with pytest.raises(ValueError, match=r"\[B, 5\].*\(6, 5\).*got \(2, 4\)"):
+        JsdCrossEntropy()(random_logits(6, 5), torch.full((2, 4), 0.25))
+    with pytest.raises(ValueError, match=r"\[B, 5\].*got \(6,\)"):
+        JsdCrossEntropy()(random_logits(6, 5), torch.zeros(6))
+
+
+@pytest.mark.parametrize("shape", [(3, 1), (3, 2, 2), ()])
+def test_integer_targets_that_are_not_1d_raise(shape):
+    with pytest.raises(ValueError, match=re.escape(f"got {shape}") + r".*\(6, 5\).*target.view\(-1\)"):
+        JsdCrossEntropy()(random_logits(6, 5), torch.zeros(shape, dtype=torch.long))
+
+
+def test_boolean_targets_raise_type_error():
+    with pytest.raises(TypeError, match=r"torch.bool.*\(3,\)"):
+        JsdCrossEntropy()(random_logits(3, 5), torch.zeros(3, dtype=torch.bool))
