@@ -1,0 +1,1009 @@
+"""Common corruptions (CIFAR-10-C), calibration error and a robustness report for fastai Learners.
+
+The corruptions re-implement `ImageNet-C/create_c/make_cifar_c.py` of hendrycks/robustness, the script
+that generated CIFAR-10-C, as batched torch kernels on any device: same operations, same severity
+tables. Where the script calls ImageMagick (motion blur, snow), cv2 (spatter) or ships photographs
+(frost), an equivalent is computed in torch; each such corruption says how it differs.
+
+Image size: the tables are for 32 px images. Every length in pixels (blur sigmas and radii, motion
+blur length, glass-blur swap distance, snow flake size, elastic displacement, spatter blob size,
+frost needles) is multiplied by `min(H, W) / 32`, so that a corrupted image of any size looks like
+the corrupted 32 px version scaled up. Ratios (zoom factors, pixelation ratio), intensities (noise
+strengths, contrast, brightness, JPEG quality) are size independent and used as they are.
+
+Outputs are float and not rounded to 1/255 (the script stores uint8); only `jpeg_compression`
+quantizes, because JPEG works on 8-bit images.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+CORRUPTIONS = (
+    'gaussian_noise', 'shot_noise', 'impulse_noise',
+    'defocus_blur', 'glass_blur', 'motion_blur', 'zoom_blur',
+    'snow', 'frost', 'fog', 'brightness',
+    'contrast', 'elastic_transform', 'pixelate', 'jpeg_compression',
+)
+EXTRA_CORRUPTIONS = ('speckle_noise', 'gaussian_blur', 'spatter', 'saturate')
+
+# Severity tables of make_cifar_c.py, indexed by severity - 1.
+_GAUSSIAN_NOISE_STD = (0.04, 0.06, 0.08, 0.09, 0.10)
+_SHOT_NOISE_PHOTONS = (500, 250, 100, 75, 50)
+_IMPULSE_NOISE_AMOUNT = (0.01, 0.02, 0.03, 0.05, 0.07)
+_SPECKLE_NOISE_STD = (0.06, 0.1, 0.12, 0.16, 0.2)
+_GAUSSIAN_BLUR_SIGMA = (0.4, 0.6, 0.7, 0.8, 1.0)
+_GLASS_BLUR = ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2))  # sigma, max_delta, sweeps
+_DEFOCUS_BLUR = ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1))  # disk radius, anti-alias sigma
+_MOTION_BLUR = ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5))  # ImageMagick radius, sigma
+# np.arange(1, 1.06, 0.01) ... np.arange(1, 1.26, 0.01): float rounding makes numpy include the end
+# point for the first two, and numpy steps by (1 + 0.01) - 1, which decides round(26 * 1.25...) = 33.
+_ZOOM_BLUR_STEPS = (7, 12, 16, 21, 26)
+_ZOOM_BLUR_STEP = (1 + 0.01) - 1
+_SNOW = ((0.1, 0.2, 1, 0.6, 8, 3, 0.95),  # mean, std, zoom, threshold, blur radius, blur sigma, blend
+         (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
+         (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
+         (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
+         (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8))
+_FROST = ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45))  # image weight, frost weight
+_FOG = ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75))  # strength, plasma wibble decay
+_BRIGHTNESS = (0.05, 0.1, 0.15, 0.2, 0.3)
+_CONTRAST = (0.75, 0.5, 0.4, 0.3, 0.15)
+# alpha, sigma, affine jitter, as fractions of the image size (the script multiplies them by IMSIZE = 32)
+_ELASTIC = ((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03))
+_PIXELATE = (0.95, 0.9, 0.85, 0.75, 0.65)
+_JPEG_QUALITY = (80, 65, 58, 50, 40)
+_SPATTER = ((0.62, 0.1, 0.7, 0.7, 0.5, 0),  # mean, std, blur sigma, threshold, strength, mud
+            (0.65, 0.1, 0.8, 0.7, 0.5, 0),
+            (0.65, 0.3, 1, 0.69, 0.5, 0),
+            (0.65, 0.1, 0.7, 0.69, 0.6, 1),
+            (0.65, 0.1, 0.5, 0.68, 0.6, 1))
+_SATURATE = ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2))  # saturation factor, offset
+
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, what PIL's 'L' and cv2's RGB2GRAY use
+_MIN_SIZE = 8
+
+
+# ---------------------------------------------------------------------------------------------------
+# Randomness: drawn on the generator's device (a CPU generator cannot fill a CUDA tensor), then moved.
+
+def _rand(shape, generator, like):
+    """U(0, 1) of `shape` with `like`'s dtype and device; `generator=None` uses torch's global RNG."""
+    if generator is None:
+        return torch.rand(shape, dtype=like.dtype, device=like.device)
+    return torch.rand(shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
+
+
+def _randn(shape, generator, like):
+    """N(0, 1) of `shape` with `like`'s dtype and device."""
+    if generator is None:
+        return torch.randn(shape, dtype=like.dtype, device=like.device)
+    return torch.randn(shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
+
+
+def _poisson(rates, generator):
+    """Poisson draws with the given rates."""
+    if generator is None:
+        return torch.poisson(rates)
+    return torch.poisson(rates.to(generator.device), generator=generator).to(rates.device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Filtering helpers matching scipy.ndimage / cv2 border conventions.
+
+def _size_scale(x):
+    """How many pixels of `x` one pixel of a 32 px CIFAR image stands for."""
+    return min(x.shape[-2], x.shape[-1]) / 32
+
+
+def _border_index(n, before, after, mode, device):
+    """Indices into a length-`n` axis padded by `before`/`after` entries with a scipy border `mode`."""
+    idx = torch.arange(-before, n + after, device=device)
+    if mode == 'nearest':
+        return idx.clamp(0, n - 1)
+    if mode == 'mirror':  # d c b | a b c d: cv2's BORDER_REFLECT_101, scipy's 'mirror'
+        if n == 1:
+            return torch.zeros_like(idx)
+        folded = idx.remainder(2 * n - 2)
+        return torch.where(folded >= n, 2 * n - 2 - folded, folded)
+    folded = idx.remainder(2 * n)  # 'reflect': d c b a | a b c d, scipy's 'reflect'
+    return torch.where(folded >= n, 2 * n - 1 - folded, folded)
+
+
+def _correlate_separable(x, kernel_y, kernel_x, mode):
+    """Correlate every channel of `x` [B, C, H, W] with the 1-D kernels along H then W."""
+    # Sums of shifted slices: on CPU several times faster than conv2d with one input channel.
+    height, width = x.shape[-2:]
+    radius_y, radius_x = len(kernel_y) // 2, len(kernel_x) // 2
+    padded = x.index_select(2, _border_index(height, radius_y, radius_y, mode, x.device))
+    out = padded[:, :, 0:height] * float(kernel_y[0])
+    for tap in range(1, len(kernel_y)):
+        out.add_(padded[:, :, tap:tap + height], alpha=float(kernel_y[tap]))
+    padded = out.index_select(3, _border_index(width, radius_x, radius_x, mode, x.device))
+    out = padded[..., 0:width] * float(kernel_x[0])
+    for tap in range(1, len(kernel_x)):
+        out.add_(padded[..., tap:tap + width], alpha=float(kernel_x[tap]))
+    return out
+
+
+def _correlate2d(x, kernel, mode):
+    """Correlate every channel of `x` with one odd-sized 2-D kernel (cv2.filter2D's convention)."""
+    batch, channels, height, width = x.shape
+    radius_y, radius_x = kernel.shape[0] // 2, kernel.shape[1] // 2
+    padded = x.index_select(2, _border_index(height, radius_y, radius_y, mode, x.device))
+    padded = padded.index_select(3, _border_index(width, radius_x, radius_x, mode, x.device))
+    # One depthwise convolution over all B * C planes: far faster on CPU than a 1-channel conv2d.
+    planes = padded.reshape(1, batch * channels, *padded.shape[-2:])
+    weight = kernel.to(x)[None, None].expand(batch * channels, 1, *kernel.shape).contiguous()
+    return F.conv2d(planes, weight, groups=batch * channels).view(batch, channels, height, width)
+
+
+def _gaussian_kernel1d(sigma, truncate):
+    """scipy.ndimage's Gaussian: radius int(truncate * sigma + 0.5), normalized to sum 1."""
+    radius = int(truncate * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return weights / weights.sum()
+
+
+def _gaussian_blur(x, sigma, mode='nearest', truncate=4.0):
+    """skimage.filters.gaussian per channel (its defaults: mode 'nearest', truncate 4)."""
+    if sigma <= 0:
+        return x.clone()
+    kernel = _gaussian_kernel1d(sigma, truncate)
+    return _correlate_separable(x, kernel, kernel, mode)
+
+
+def _clipped_zoom(x, zoom):
+    """The script's `clipped_zoom`: zoom the central crop by `zoom` (scipy zoom, order 1), crop back."""
+    height, width = x.shape[-2:]
+    crop_h, crop_w = math.ceil(height / zoom), math.ceil(width / zoom)
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    crop = x[..., top:top + crop_h, left:left + crop_w]
+    # scipy.ndimage.zoom sizes the output as round(size * zoom) and, with grid_mode=False, maps the
+    # corner pixel centres onto each other: bilinear with align_corners=True.
+    out_h, out_w = int(round(crop_h * zoom)), int(round(crop_w * zoom))
+    zoomed = F.interpolate(crop, size=(out_h, out_w), mode='bilinear', align_corners=True)
+    trim_h, trim_w = (out_h - height) // 2, (out_w - width) // 2
+    return zoomed[..., trim_h:trim_h + height, trim_w:trim_w + width]
+
+
+def _to_gray(x):
+    """Luma of RGB images [B, 3, H, W] -> [B, 1, H, W]; 1-channel images are already gray."""
+    if x.shape[1] == 1:
+        return x
+    weights = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * weights).sum(1, keepdim=True)
+
+
+def _through_rgb(corruption):
+    """Apply a colour corruption to 1-channel images as to their gray RGB copy, then take the luma."""
+    def apply(x, level, generator):
+        if x.shape[1] == 3:
+            return corruption(x, level, generator)
+        return _to_gray(corruption(x.expand(-1, 3, -1, -1), level, generator))
+    apply.__name__ = corruption.__name__
+    apply.__doc__ = corruption.__doc__
+    return apply
+
+
+def _motion_kernel(radius, sigma):
+    """ImageMagick's MotionBlurImage weights: one-sided Gaussian over 2 * ceil(radius) + 1 taps."""
+    taps = torch.arange(2 * math.ceil(radius) + 1, dtype=torch.float64)
+    weights = torch.exp(-taps ** 2 / (2 * sigma ** 2))
+    weights = weights / weights.sum()
+    # Taps below 1e-6 change no 8-bit value; dropping them keeps long kernels cheap.
+    return weights[weights >= 1e-6]
+
+
+def _directional_blur(x, weights, degrees, positions=None):
+    """ImageMagick's motion blur with a per-image angle `degrees` [B]: the tap at position i (default
+    0, 1, ...) samples (x + ceil(i cos a - 0.5), y + ceil(i sin a - 0.5)), edges replicated."""
+    batch, channels, height, width = x.shape
+    weights = weights.tolist()
+    if positions is None:
+        positions = torch.arange(len(weights), dtype=torch.float64)
+    angle = torch.deg2rad(degrees.double()).to(x.device)[:, None]
+    positions = positions.to(device=x.device, dtype=torch.float64)[None]
+    offset_x = torch.ceil(positions * torch.cos(angle) - 0.5).long()  # [B, T]
+    offset_y = torch.ceil(positions * torch.sin(angle) - 0.5).long()
+    rows = torch.arange(height, device=x.device).view(1, 1, height)
+    cols = torch.arange(width, device=x.device).view(1, 1, width)
+    row_start = (rows + offset_y[:, :, None]).clamp_(0, height - 1).mul_(width)  # [B, T, H]
+    col = (cols + offset_x[:, :, None]).clamp_(0, width - 1)  # [B, T, W]
+    flat = x.reshape(batch, channels, height * width)
+    out = None
+    for tap, weight in enumerate(weights):
+        index = (row_start[:, tap, :, None] + col[:, tap, None, :]).view(batch, 1, -1)
+        sample = flat.gather(2, index.expand(batch, channels, -1))
+        out = sample.mul_(weight) if out is None else out.add_(sample, alpha=weight)
+    return out.view(batch, channels, height, width)
+
+
+def _plasma_fractal(batch, size, decay, generator, like):
+    """The script's diamond-square `plasma_fractal`, one map per image: [B, size, size] in [0, 1]."""
+    maps = torch.zeros(batch, size, size, dtype=like.dtype, device=like.device)
+    step, wibble = size, 100.0
+
+    def wibbled_mean(total):
+        # The script draws wibble * U(-wibble, wibble); kept, since it sets how fast detail fades.
+        return total / 4 + wibble * wibble * (2 * _rand(total.shape, generator, like) - 1)
+
+    while step >= 2:
+        half = step // 2
+        corners = maps[:, 0::step, 0::step]
+        square = corners + corners.roll(-1, dims=1)
+        square = square + square.roll(-1, dims=2)
+        maps[:, half::step, half::step] = wibbled_mean(square)
+        centres = maps[:, half::step, half::step]
+        corners = maps[:, 0::step, 0::step]
+        left_right = centres + centres.roll(1, dims=1) + corners + corners.roll(-1, dims=2)
+        maps[:, 0::step, half::step] = wibbled_mean(left_right)
+        top_bottom = centres + centres.roll(1, dims=2) + corners + corners.roll(-1, dims=1)
+        maps[:, half::step, 0::step] = wibbled_mean(top_bottom)
+        step //= 2
+        wibble /= decay
+    maps = maps - maps.amin((1, 2), keepdim=True)
+    return maps / maps.amax((1, 2), keepdim=True)
+
+
+@lru_cache(maxsize=64)
+def _pil_box_matrix(in_size, out_size):
+    """The [out, in] weights of PIL's BOX resampling along one axis (Resample.c, precompute_coeffs)."""
+    scale = in_size / out_size
+    filter_scale = max(scale, 1.0)
+    support = 0.5 * filter_scale
+    matrix = np.zeros((out_size, in_size))
+    for out_index in range(out_size):
+        centre = (out_index + 0.5) * scale
+        first = max(int(centre - support + 0.5), 0)
+        last = min(int(centre + support + 0.5), in_size)
+        for in_index in range(first, last):
+            position = (in_index - centre + 0.5) / filter_scale
+            matrix[out_index, in_index] = 1.0 if -0.5 < position <= 0.5 else 0.0
+        matrix[out_index] /= max(matrix[out_index].sum(), 1e-12)
+    return torch.from_numpy(matrix)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The corruptions: each takes float images [B, C, H, W] in [0, 1], level = severity - 1, a generator.
+
+def _gaussian_noise(x, level, generator):
+    """x + N(0, std) per pixel and channel."""
+    noise = _randn(x.shape, generator, x)
+    return noise.mul_(_GAUSSIAN_NOISE_STD[level]).add_(x).clamp_(0, 1)
+
+
+def _shot_noise(x, level, generator):
+    """Poisson(x * photons) / photons."""
+    photons = _SHOT_NOISE_PHOTONS[level]
+    return _poisson(x * photons, generator).div_(photons).clamp_(0, 1)
+
+
+def _impulse_noise(x, level, generator):
+    """Salt and pepper on a fraction `amount` of the values, half each (skimage's 's&p' mode, per channel)."""
+    amount = _IMPULSE_NOISE_AMOUNT[level]
+    draw = _rand(x.shape, generator, x)
+    salt_or_pepper = (draw >= amount / 2).to(x.dtype)
+    return torch.where(draw < amount, salt_or_pepper, x)
+
+
+def _speckle_noise(x, level, generator):
+    """x + x * N(0, std)."""
+    noise = _randn(x.shape, generator, x)
+    return noise.mul_(_SPECKLE_NOISE_STD[level]).add_(1).mul_(x).clamp_(0, 1)
+
+
+def _gaussian_blur_corruption(x, level, generator):
+    """skimage Gaussian blur with the table's sigma."""
+    return _gaussian_blur(x, _GAUSSIAN_BLUR_SIGMA[level] * _size_scale(x)).clamp_(0, 1)
+
+
+def _glass_blur(x, level, generator):
+    """Blur, shuffle pixels locally, blur again.
+
+    The script swaps every interior pixel with a random neighbour in a sequential Python loop
+    (np.random.randint(-1, 1) draws offsets -1 or 0 only). Here each sweep is two passes of uniformly
+    random permutations inside 2 x 2 blocks of a randomly offset grid, one gather per offset: at 32 px
+    this matches the loop's mean pixel displacement (1.24 px after one sweep; 1.67 against 1.82 px
+    after two) without its rare long drifts towards the top-left. Larger images use blocks of
+    1 + round(scale) pixels.
+    """
+    sigma, max_delta, sweeps = _GLASS_BLUR[level]
+    scale = _size_scale(x)
+    out = _gaussian_blur(x, sigma * scale)
+    block = 1 + max(max_delta, round(max_delta * scale))
+    for _ in range(2 * sweeps):
+        out = _shuffle_blocks(out, block, generator)
+    return _gaussian_blur(out, sigma * scale).clamp_(0, 1)
+
+
+def _shuffle_blocks(x, block, generator):
+    """Permute the pixels inside every whole `block` x `block` cell of a grid offset at random per image."""
+    batch, channels, height, width = x.shape
+    phases = (_rand((batch,), generator, x) * block * block).long().clamp_(max=block * block - 1).cpu()
+    cells_y, cells_x = height // block, width // block
+    keys = _rand((batch, cells_y, cells_x, block * block), generator, x)
+    source_slot = keys.argsort(-1)  # a uniform random permutation of each cell's pixels
+    out = x.clone()
+    # One pass per grid offset, over the images that drew it. Cells cut by the border stay in
+    # place, as the script leaves the border rows and columns alone.
+    for phase in phases.unique().tolist():
+        top, left = divmod(phase, block)
+        rows, cols = (height - top) // block, (width - left) // block
+        chosen = (phases == phase).nonzero()[:, 0].to(x.device)
+        window = out[chosen, :, top:top + rows * block, left:left + cols * block]
+        cells = (window.reshape(len(chosen), channels, rows, block, cols, block)
+                 .permute(0, 1, 2, 4, 3, 5).reshape(len(chosen), channels, rows, cols, block * block))
+        slots = source_slot[chosen, None, :rows, :cols].expand(-1, channels, -1, -1, -1)
+        shuffled = (cells.gather(4, slots).view(len(chosen), channels, rows, cols, block, block)
+                    .permute(0, 1, 2, 4, 3, 5).reshape(window.shape))
+        out[chosen, :, top:top + rows * block, left:left + cols * block] = shuffled
+    return out
+
+
+def _defocus_kernel(radius, alias_sigma, scale):
+    """The script's `disk`: a pixel disk of `radius`, normalized, smoothed by cv2.GaussianBlur (3 x 3
+    at 32 px, reflect-101 border). Larger images scale radius, sigma and the smoothing window."""
+    radius, alias_sigma = radius * scale, alias_sigma * scale
+    smooth_radius = max(1, round(scale))
+    half = math.ceil(radius) + smooth_radius  # zero margin: the border mode of the smoothing never matters
+    offsets = torch.arange(-half, half + 1, dtype=torch.float64)
+    disk = ((offsets[:, None] ** 2 + offsets[None, :] ** 2) <= radius ** 2).double()
+    disk = disk / disk.sum()
+    taps = torch.arange(-smooth_radius, smooth_radius + 1, dtype=torch.float64)
+    smooth = torch.exp(-taps ** 2 / (2 * alias_sigma ** 2))  # cv2.getGaussianKernel for sigma > 0
+    smooth = smooth / smooth.sum()
+    kernel = F.conv2d(disk[None, None], smooth.view(1, 1, -1, 1), padding=(smooth_radius, 0))
+    kernel = F.conv2d(kernel, smooth.view(1, 1, 1, -1), padding=(0, smooth_radius))[0, 0]
+    return kernel
+
+
+def _defocus_blur(x, level, generator):
+    """Correlate with the anti-aliased disk, reflect-101 border (cv2.filter2D)."""
+    radius, alias_sigma = _DEFOCUS_BLUR[level]
+    kernel = _defocus_kernel(radius, alias_sigma, _size_scale(x))
+    return _correlate2d(x, kernel, 'mirror').clamp_(0, 1)
+
+
+def _motion_blur(x, level, generator):
+    """ImageMagick's motion blur (radius, sigma of the table), angle U(-45, 45) degrees per image.
+
+    The script runs ImageMagick on a PNG; this computes the same one-sided Gaussian along the
+    rounded direction (`_directional_blur`) in float, without the 8-bit round trip.
+    """
+    radius, sigma = _MOTION_BLUR[level]
+    scale = _size_scale(x)
+    degrees = _rand((x.shape[0],), generator, x) * 90 - 45
+    return _directional_blur(x, _motion_kernel(radius * scale, sigma * scale), degrees).clamp_(0, 1)
+
+
+def _zoom_blur(x, level, generator):
+    """Mean of the image and its centre zooms by 1, 1.01, ... (the image itself counts twice)."""
+    total = x.clone()
+    steps = _ZOOM_BLUR_STEPS[level]
+    for step in range(steps):
+        total += _clipped_zoom(x, 1 + step * _ZOOM_BLUR_STEP)
+    return total.div_(steps + 1).clamp_(0, 1)
+
+
+def _snow(x, level, generator):
+    """Zoomed, thresholded noise streaked by a motion blur at U(-135, -45) degrees, over a paled image.
+
+    The streaks use `_directional_blur` instead of ImageMagick, in float instead of 8-bit PNG.
+    """
+    mean, std, zoom, threshold, blur_radius, blur_sigma, blend = _SNOW[level]
+    batch, _, height, width = x.shape
+    scale = _size_scale(x)
+    flakes = _randn((batch, 1, height, width), generator, x).mul_(std).add_(mean)
+    flakes = _clipped_zoom(flakes, zoom * scale)
+    flakes = torch.where(flakes < threshold, 0, flakes).clamp_(0, 1)
+    degrees = _rand((batch,), generator, x) * 90 - 135
+    flakes = _directional_blur(flakes, _motion_kernel(blur_radius * scale, blur_sigma * scale), degrees)
+    paled = torch.maximum(x, _to_gray(x) * 1.5 + 0.5)
+    out = x * blend + paled * (1 - blend)
+    return out.add_(flakes).add_(flakes.flip(-2, -1)).clamp_(0, 1)
+
+
+def _frost_texture(batch, height, width, scale, generator, like):
+    """A procedural ice layer [B, 3, H, W] in [0, 1]: bright needles in three directions over a haze.
+
+    Stands in for the six frost photographs the script crops from: mean about 0.55-0.6, bluish white.
+    """
+    size = 1 << max(5, math.ceil(math.log2(max(height, width))))
+    haze = _plasma_fractal(batch, size, 2.0, generator, like)[:, None, :height, :width]
+    needles = None
+    base_angle = _rand((batch,), generator, like) * 180
+    half_length = math.ceil(4 * scale)
+    positions = torch.arange(-half_length, half_length + 1, dtype=torch.float64)
+    weights = torch.exp(-positions ** 2 / (2 * (2.5 * scale) ** 2))  # needles grow both ways from a seed
+    for turn in (0, 60, 120):
+        seeds = (_rand((batch, 1, height, width), generator, like) < 0.06).to(like.dtype)
+        streak = _directional_blur(seeds, weights, base_angle + turn, positions)
+        needles = streak if needles is None else torch.maximum(needles, streak)
+    needles = needles / needles.amax((2, 3), keepdim=True).clamp_min(1e-6)
+    ice = (0.55 * haze + 0.9 * needles.sqrt()).clamp_(0, 1)
+    tint = torch.tensor((0.85, 0.93, 1.0), dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
+    return ice * tint
+
+
+def _frost(x, level, generator):
+    """weight * x + frost_weight * ice, with a procedural ice layer instead of the photographs."""
+    image_weight, frost_weight = _FROST[level]
+    batch, _, height, width = x.shape
+    ice = _frost_texture(batch, height, width, _size_scale(x), generator, x)
+    return (x * image_weight).add_(ice, alpha=frost_weight).clamp_(0, 1)
+
+
+def _fog(x, level, generator):
+    """Add a plasma fractal (one per image, shared by the channels), rescale by max / (max + strength)."""
+    strength, decay = _FOG[level]
+    batch, _, height, width = x.shape
+    size = 1 << max(5, math.ceil(math.log2(max(height, width))))  # the script's mapsize=32 at 32 px
+    plasma = _plasma_fractal(batch, size, decay, generator, x)[:, None, :height, :width]
+    peak = x.amax((1, 2, 3), keepdim=True)
+    return (x + strength * plasma).mul_(peak / (peak + strength)).clamp_(0, 1)
+
+
+def _brightness(x, level, generator):
+    """Add to the HSV value, clipped at 1 (skimage rgb2hsv/hsv2rgb): with hue and saturation fixed,
+    RGB scales with the value, and black turns gray (its saturation is 0)."""
+    value = x.amax(1, keepdim=True)
+    new_value = (value + _BRIGHTNESS[level]).clamp_(max=1)
+    ratio = new_value / value.clamp_min(1e-12)
+    return torch.where(value > 0, x * ratio, new_value).clamp_(0, 1)
+
+
+def _saturate(x, level, generator):
+    """Scale and shift the HSV saturation (skimage's conversion: gray has hue 0, red)."""
+    factor, offset = _SATURATE[level]
+    value = x.amax(1, keepdim=True)
+    spread = value - x.amin(1, keepdim=True)
+    chromatic = spread > 0
+    saturation = torch.where(chromatic, spread / value.clamp_min(1e-12), 0)
+    new_saturation = (saturation * factor + offset).clamp_(0, 1)
+    # Each channel is value * (1 - saturation * g(hue)): rescale its distance below the value.
+    ratio = new_saturation / saturation.clamp_min(1e-12)
+    colourful = value - (value - x) * ratio
+    red = torch.tensor((0.0, 1.0, 1.0), dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    from_gray = value * (1 - new_saturation * red)
+    return torch.where(chromatic, colourful, from_gray).clamp_(0, 1)
+
+
+def _contrast(x, level, generator):
+    """(x - mean) * factor + mean, with the mean of each channel of each image."""
+    means = x.mean((2, 3), keepdim=True)
+    return (x - means).mul_(_CONTRAST[level]).add_(means).clamp_(0, 1)
+
+
+def _elastic_transform(x, level, generator):
+    """Random affine (3 jittered points, cv2.warpAffine, reflect-101) then a smooth random
+    displacement field (scipy map_coordinates, order 1, mode 'reflect')."""
+    alpha, sigma, jitter = (value * min(x.shape[-2:]) for value in _ELASTIC[level])
+    point_shift = (2 * _rand((x.shape[0], 3, 2), generator, x) - 1) * jitter
+    field = 2 * _rand((x.shape[0], 2, *x.shape[-2:]), generator, x) - 1
+    return _elastic_apply(x, point_shift, field, alpha, sigma)
+
+
+def _elastic_apply(x, point_shift, field, alpha, sigma):
+    """Elastic transform of `x` given its random draws: `point_shift` [B, 3, 2] moves the script's
+    three anchor points (x, y), `field` [B, 2, H, W] in [-1, 1] is the raw (dx, dy) noise."""
+    batch, _, height, width = x.shape
+    centre_x, centre_y, arm = width // 2, height // 2, min(height, width) // 3
+    anchors = torch.tensor([[centre_x + arm, centre_y + arm], [centre_x + arm, centre_y - arm],
+                            [centre_x - arm, centre_y - arm]], dtype=torch.float64, device=x.device)
+    moved = anchors + point_shift.double()
+    # warpAffine samples the source at the inverse map: the affine taking moved anchors to anchors.
+    homogeneous = torch.cat([moved, torch.ones(batch, 3, 1, dtype=torch.float64, device=x.device)], -1)
+    inverse = torch.linalg.solve(homogeneous, anchors.expand(batch, 3, 2))  # [B, 3, 2]
+    rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float64, device=x.device),
+                                torch.arange(width, dtype=torch.float64, device=x.device), indexing='ij')
+    pixels = torch.stack([cols, rows, torch.ones_like(rows)], -1).view(1, height * width, 3)
+    source = (pixels @ inverse).view(batch, height, width, 2)
+    # align_corners=True + reflection reflects about the edge pixel centres: cv2's BORDER_REFLECT_101.
+    grid = source * torch.tensor([2 / max(width - 1, 1), 2 / max(height - 1, 1)],
+                                 dtype=torch.float64, device=x.device) - 1
+    warped = F.grid_sample(x, grid.to(x.dtype), mode='bilinear', padding_mode='reflection',
+                           align_corners=True)
+    if alpha == 0:
+        return warped.clamp_(0, 1)
+    # skimage gaussian(mode='reflect', truncate=3) of the uniform noise, times alpha.
+    shift = _gaussian_blur(field.to(x.dtype), sigma, mode='reflect', truncate=3) * alpha
+    sample_x = cols.to(x.dtype) + shift[:, 0]
+    sample_y = rows.to(x.dtype) + shift[:, 1]
+    # align_corners=False + reflection reflects about the image edges: scipy's 'reflect'.
+    grid = torch.stack([(2 * sample_x + 1) / width - 1, (2 * sample_y + 1) / height - 1], -1)
+    return F.grid_sample(warped, grid, mode='bilinear', padding_mode='reflection',
+                         align_corners=False).clamp_(0, 1)
+
+
+def _pixelate(x, level, generator):
+    """PIL BOX resize to int(size * factor), then BOX back to the original size, in float."""
+    factor = _PIXELATE[level]
+    height, width = x.shape[-2:]
+    small_h, small_w = max(int(height * factor), 1), max(int(width * factor), 1)
+    rows = (_pil_box_matrix(small_h, height) @ _pil_box_matrix(height, small_h)).to(x)
+    cols = (_pil_box_matrix(small_w, width) @ _pil_box_matrix(width, small_w)).to(x)
+    return (rows @ x @ cols.T).clamp_(0, 1)
+
+
+def _jpeg_compression(x, level, generator):
+    """PIL JPEG round trip at the table's quality, per image (8-bit: the input is rounded to 1/255)."""
+    quality = _JPEG_QUALITY[level]
+    pixels = (x * 255).round_().clamp_(0, 255).to(torch.uint8).cpu()
+    pixels = pixels[:, 0].numpy() if x.shape[1] == 1 else pixels.permute(0, 2, 3, 1).numpy()
+    decoded = []
+    for image in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, 'JPEG', quality=quality)
+        decoded.append(np.asarray(Image.open(buffer)))
+    out = torch.from_numpy(np.stack(decoded)).to(device=x.device, dtype=x.dtype).div_(255)
+    return out[:, None] if x.shape[1] == 1 else out.permute(0, 3, 1, 2).contiguous()
+
+
+def _erode(mask):
+    """3 x 3 binary erosion of a bool mask [B, 1, H, W] (outside counts as inside)."""
+    return -F.max_pool2d(-mask.to(torch.float32), 3, stride=1, padding=1) > 0.5
+
+
+def _edge_distance(edges, limit):
+    """Chamfer distance (1 straight, sqrt 2 diagonal) to the nearest edge pixel, capped at `limit`."""
+    distance = torch.where(edges, 0.0, float(limit)).to(torch.float32)
+    for _ in range(math.ceil(limit)):
+        padded = F.pad(distance, (1, 1, 1, 1), value=float(limit))
+        straight = torch.minimum(torch.minimum(padded[..., :-2, 1:-1], padded[..., 2:, 1:-1]),
+                                 torch.minimum(padded[..., 1:-1, :-2], padded[..., 1:-1, 2:]))
+        diagonal = torch.minimum(torch.minimum(padded[..., :-2, :-2], padded[..., :-2, 2:]),
+                                 torch.minimum(padded[..., 2:, :-2], padded[..., 2:, 2:]))
+        distance = torch.minimum(distance, torch.minimum(straight + 1, diagonal + math.sqrt(2)))
+    return distance.clamp_(max=limit)
+
+
+def _equalize(levels, bins):
+    """cv2.equalizeHist of integer `levels` [B, 1, H, W] in 0..bins-1, mapped to [0, 1]."""
+    batch = levels.shape[0]
+    flat = levels.reshape(batch, -1)
+    counts = torch.zeros(batch, bins, dtype=torch.float32, device=levels.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    cdf = counts.cumsum(1)
+    first = torch.where(counts > 0, cdf, cdf[:, -1:]).amin(1, keepdim=True)
+    lut = ((cdf - first) / (cdf[:, -1:] - first).clamp_min(1)).clamp_(0, 1)
+    return lut.gather(1, flat).view_as(levels)
+
+
+def _spatter(x, level, generator):
+    """Water drops (severities 1-3) or mud (4-5) from thresholded, blurred noise.
+
+    Mud follows the script. For water the script shades the drops with cv2 (Canny edges, distance
+    transform, histogram equalization, emboss); this uses the drop boundary as the edges and a
+    chamfer distance instead of cv2's, then the same equalize / emboss / 3 x 3 blur chain.
+    """
+    mean, std, blur, threshold, strength, mud = _SPATTER[level]
+    batch, _, height, width = x.shape
+    scale = _size_scale(x)
+    liquid = _randn((batch, 1, height, width), generator, x).mul_(std).add_(mean)
+    liquid = _gaussian_blur(liquid, blur * scale)
+    liquid = torch.where(liquid < threshold, 0, liquid)
+    if mud:
+        cover = _gaussian_blur((liquid > threshold).to(x.dtype), strength * scale)
+        cover = torch.where(cover < 0.8, 0, cover)
+        brown = torch.tensor((63, 42, 20), dtype=x.dtype, device=x.device).view(1, 3, 1, 1) / 255
+        return (x * (1 - cover) + brown * cover).clamp_(0, 1)
+    drops = liquid > 0
+    limit = 20 * scale
+    distance = _edge_distance(drops & ~_erode(drops), limit)
+    box = torch.full((3, 3), 1 / 9, dtype=torch.float64)
+    distance = _correlate2d(distance, box, 'mirror')
+    shade = _equalize(distance.floor().long().clamp_(0, math.ceil(limit)), math.ceil(limit) + 1)
+    emboss = torch.tensor([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], dtype=torch.float64)
+    shade = _correlate2d(shade, emboss, 'mirror').clamp_(0, 1)  # cv2.CV_8U saturates
+    shade = _correlate2d(shade, box, 'mirror').to(x.dtype)
+    wet = liquid * shade
+    wet = wet / wet.amax((2, 3), keepdim=True).clamp_min(1e-12) * strength
+    turquoise = torch.tensor((175, 238, 238), dtype=x.dtype, device=x.device).view(1, 3, 1, 1) / 255
+    return (x + wet * turquoise).clamp_(0, 1)
+
+
+_CORRUPTION_FUNCTIONS: dict[str, Callable] = {
+    'gaussian_noise': _gaussian_noise,
+    'shot_noise': _shot_noise,
+    'impulse_noise': _impulse_noise,
+    'defocus_blur': _defocus_blur,
+    'glass_blur': _glass_blur,
+    'motion_blur': _motion_blur,
+    'zoom_blur': _zoom_blur,
+    'snow': _snow,
+    'frost': _through_rgb(_frost),
+    'fog': _fog,
+    'brightness': _brightness,
+    'contrast': _contrast,
+    'elastic_transform': _elastic_transform,
+    'pixelate': _pixelate,
+    'jpeg_compression': _jpeg_compression,
+    'speckle_noise': _speckle_noise,
+    'gaussian_blur': _gaussian_blur_corruption,
+    'spatter': _through_rgb(_spatter),
+    'saturate': _through_rgb(_saturate),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+
+def _check_corruption_name(name, argument='name'):
+    if not isinstance(name, str) or name not in _CORRUPTION_FUNCTIONS:
+        valid = ', '.join(CORRUPTIONS + EXTRA_CORRUPTIONS)
+        raise ValueError(f"{argument}={name!r} is not a known corruption; use one of: {valid}.")
+
+
+def _check_severity(severity, argument='severity'):
+    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or not 1 <= severity <= 5:
+        raise ValueError(f"{argument}={severity!r} must be an integer from 1 to 5 (CIFAR-10-C's severities).")
+
+
+def _check_images(x, argument='x'):
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{argument} must be a torch.Tensor of images [B, C, H, W], got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise ValueError(f"{argument} has dtype {x.dtype}; pass float images in [0, 1] "
+                         f"(e.g. {argument}.float() / 255 for uint8).")
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"{argument} has shape {tuple(x.shape)}; expected images [B, C, H, W] with C = 1 or 3.")
+    if min(x.shape[-2:]) < _MIN_SIZE:
+        raise ValueError(f"{argument} has shape {tuple(x.shape)}; images must be at least "
+                         f"{_MIN_SIZE} x {_MIN_SIZE} pixels.")
+    if x.numel() and (x.amin() < -1e-3 or x.amax() > 1 + 1e-3):
+        raise ValueError(f"{argument} has values in [{float(x.amin()):.3g}, {float(x.amax()):.3g}]; corruptions "
+                         f"work on pixels in [0, 1]: decode normalized batches first (x * std + mean).")
+
+
+def corrupt(x, name, severity, generator=None):
+    """Corrupt images `x` (float [B, C, H, W] in [0, 1], C = 1 or 3) with CIFAR-10-C's `name` at `severity` 1-5.
+
+    Returns a new tensor of the same shape, dtype and device, in [0, 1]; `x` is never modified.
+    Every image draws its own noise; the same `generator` state gives the same output (with
+    `generator=None` torch's global RNG is used, which fastai's `set_seed` seeds). Random numbers are
+    drawn on the generator's device, so pass one on `x`'s device to avoid copies.
+    """
+    _check_corruption_name(name)
+    _check_severity(severity)
+    _check_images(x)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}.")
+    images = x.detach().as_subclass(torch.Tensor)
+    work_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
+    images = images.to(work_dtype).clamp(0, 1)  # a new tensor: the kernels may work in place on it
+    if images.shape[0] == 0:
+        return images.to(x.dtype)
+    with torch.no_grad():
+        out = _CORRUPTION_FUNCTIONS[name](images, int(severity) - 1, generator)
+    return out.to(x.dtype)
+
+
+def _as_array(values):
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().double().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+def calibration_error(confidence, correct, p=2, beta=100):
+    """Adaptive-binning calibration error of the AugMix paper: RMS for `p=2`, mean absolute for `p=1`.
+
+    Examples are sorted by confidence and cut into bins of `beta` (the last bin takes the
+    remainder, as in hendrycks' `calib_err`); each bin adds (bin size / n) * |mean confidence -
+    accuracy| ** p, and the result is the p-th root. Unlike `calib_err`, whose loop skips its last
+    bin, every bin counts, and fewer than `beta` examples make one bin instead of an error. Ties in
+    confidence keep their input order (stable sort).
+    """
+    if p not in (1, 2) or isinstance(p, bool):
+        raise ValueError(f"p={p!r} must be 2 (RMS calibration error) or 1 (mean absolute calibration error).")
+    if isinstance(beta, bool) or not isinstance(beta, (int, np.integer)) or beta < 1:
+        raise ValueError(f"beta={beta!r} must be a positive integer: the number of examples per bin.")
+    conf, hits = _as_array(confidence), _as_array(correct)
+    if conf.ndim != 1 or hits.ndim != 1 or len(conf) != len(hits):
+        raise ValueError(f"confidence and correct must be 1-D and of the same length, got shapes "
+                         f"{conf.shape} and {hits.shape}.")
+    if len(conf) == 0:
+        raise ValueError("confidence and correct are empty: calibration needs at least one example.")
+    if not np.all(np.isfinite(conf)) or conf.min() < 0 or conf.max() > 1:
+        raise ValueError(f"confidence must be probabilities in [0, 1], got values in "
+                         f"[{np.nanmin(conf):.3g}, {np.nanmax(conf):.3g}].")
+    order = np.argsort(conf, kind='stable')
+    conf, hits = conf[order], hits[order]
+    n_bins = max(len(conf) // beta, 1)
+    bin_of = np.minimum(np.arange(len(conf)) // beta, n_bins - 1)
+    sizes = np.bincount(bin_of, minlength=n_bins)
+    gaps = np.abs(np.bincount(bin_of, conf, n_bins) - np.bincount(bin_of, hits, n_bins)) / sizes
+    weighted = np.sum(sizes / len(conf) * gaps ** p)
+    return float(np.sqrt(weighted) if p == 2 else weighted)
+
+
+@dataclass
+class RobustnessResult:
+    """What `evaluate_robustness` measured; errors and calibration errors are fractions in [0, 1].
+
+    - `table`: one row per corruption and severity with columns `corruption`, `severity`, `error`
+      (top-1) and `rms_calibration_error`.
+    - `clean_error`, `clean_calibration`: on the uncorrupted images.
+    - `mean_corruption_error`, `corrupted_calibration`: the means over the table's rows (the AugMix
+      paper's CIFAR-10-C "error" and RMS calibration error).
+    - `mce`: with a baseline, mean over corruptions of sum_s error / sum_s baseline error (the
+      ImageNet-C mCE, as a ratio: 1 means as good as the baseline).
+    - `relative_mce`: mean over corruptions of sum_s (error - clean error) /
+      sum_s (baseline error - baseline clean error): how much accuracy is lost to corruption,
+      relative to the baseline (nan where the baseline loses none).
+    - `baseline`: the baseline's own result, or None.
+    """
+    table: pd.DataFrame
+    clean_error: float
+    clean_calibration: float
+    mean_corruption_error: float
+    corrupted_calibration: float
+    mce: float | None = None
+    relative_mce: float | None = None
+    baseline: RobustnessResult | None = None
+
+    def per_corruption(self):
+        """Error and RMS calibration error per corruption, averaged over severities (a DataFrame)."""
+        return self.table.groupby('corruption', sort=False)[['error', 'rms_calibration_error']].mean()
+
+    def summary(self):
+        """The scalar results as a dict."""
+        return dict(clean_error=self.clean_error, clean_calibration=self.clean_calibration,
+                    mean_corruption_error=self.mean_corruption_error,
+                    corrupted_calibration=self.corrupted_calibration,
+                    mce=self.mce, relative_mce=self.relative_mce)
+
+    def __repr__(self):
+        parts = [f"clean_error={self.clean_error:.4f}", f"mean_corruption_error={self.mean_corruption_error:.4f}",
+                 f"clean_calibration={self.clean_calibration:.4f}",
+                 f"corrupted_calibration={self.corrupted_calibration:.4f}"]
+        if self.mce is not None:
+            parts += [f"mce={self.mce:.4f}", f"relative_mce={self.relative_mce:.4f}"]
+        return f"RobustnessResult({', '.join(parts)}, table: {len(self.table)} rows)"
+
+
+def _normalize_stats(dl, device):
+    """(mean, std) pairs of every fastai `Normalize` in `dl.after_batch`, in application order."""
+    from fastai.data.transforms import Normalize  # here: `corrupt` alone should not pay fastai's import
+    after_batch = getattr(dl, 'after_batch', None)
+    stats = []
+    for tfm in getattr(after_batch, 'fs', ()):
+        if isinstance(tfm, Normalize):
+            if tfm.mean is None or tfm.std is None:
+                raise ValueError("the DataLoaders' Normalize has no statistics yet; "
+                                 "build the DataLoaders (dls = dblock.dataloaders(...)) before evaluating.")
+            stats.append(tuple(_as_channel_stat(value, device) for value in (tfm.mean, tfm.std)))
+    return stats
+
+
+def _as_channel_stat(value, device):
+    stat = torch.as_tensor(value).as_subclass(torch.Tensor).to(device=device, dtype=torch.float32)
+    return stat.view(1, -1, 1, 1) if stat.ndim <= 1 else stat
+
+
+def _decode(xb, stats):
+    for mean, std in reversed(stats):
+        xb = xb * std + mean
+    return xb
+
+
+def _encode(pixels, stats):
+    for mean, std in stats:
+        pixels = (pixels - mean) / std
+    return pixels
+
+
+class _ModelRunner:
+    """One model with its input normalization and activation; collects confidences and hits."""
+
+    def __init__(self, learn, fallback_dl):
+        self.model = learn.model
+        first = next(self.model.parameters(), None)
+        self.device = first.device if first is not None else torch.device('cpu')
+        self.dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+        # Each model gets the normalization of its own DataLoaders: pixels are the common ground.
+        dls = getattr(learn, 'dls', None)
+        own_dl = getattr(dls, 'valid', None) if dls is not None else None
+        self.stats = _normalize_stats(own_dl if own_dl is not None else fallback_dl, self.device)
+        activation = getattr(learn.loss_func, 'activation', None)
+        # Without an activation the outputs are taken as logits, as for any classifier.
+        self.activation = activation if callable(activation) else (lambda out: F.softmax(out, -1))
+        self.records = {}
+
+    def record(self, key, pixels, targets):
+        inputs = _encode(pixels.to(self.device), self.stats).to(self.dtype)
+        out = self.model(inputs)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        out = torch.as_tensor(out).as_subclass(torch.Tensor)
+        if out.ndim != 2 or out.shape[0] != len(targets):
+            raise ValueError(f"the model returned shape {tuple(out.shape)} for {len(targets)} images; "
+                             f"evaluate_robustness needs class scores [B, n_classes].")
+        probs = self.activation(out.float()).as_subclass(torch.Tensor)
+        confidence, predicted = probs.max(-1)
+        hits = (predicted.cpu() == targets.cpu())
+        conf_list, hit_list = self.records.setdefault(key, ([], []))
+        conf_list.append(confidence.cpu().double())
+        hit_list.append(hits)
+
+    def result(self, corruptions, severities):
+        def measure(key):
+            conf = torch.cat(self.records[key][0])
+            hits = torch.cat(self.records[key][1]).double()
+            return 1 - float(hits.mean()), calibration_error(conf, hits, p=2)
+        clean_error, clean_calibration = measure('clean')
+        rows = []
+        for name in corruptions:
+            for severity in severities:
+                error, calibration = measure((name, severity))
+                rows.append(dict(corruption=name, severity=severity, error=error,
+                                 rms_calibration_error=calibration))
+        table = pd.DataFrame(rows, columns=['corruption', 'severity', 'error', 'rms_calibration_error'])
+        return RobustnessResult(table=table, clean_error=clean_error, clean_calibration=clean_calibration,
+                                mean_corruption_error=float(table.error.mean()),
+                                corrupted_calibration=float(table.rms_calibration_error.mean()))
+
+
+def _compare(result, baseline):
+    """Fill `result`'s mCE and relative mCE against the baseline's result."""
+    own = result.table.set_index(['corruption', 'severity']).error
+    base = baseline.table.set_index(['corruption', 'severity']).error
+    missing = own.index.difference(base.index)
+    if len(missing):
+        raise ValueError(f"baseline has no results for {list(missing)[:5]}...; evaluate it on the same "
+                         f"corruptions and severities.")
+    base = base.loc[own.index]
+    names = result.table.corruption.unique()
+    ce, relative = [], []
+    for name in names:
+        own_errors, base_errors = own.loc[name], base.loc[name]
+        ce.append(own_errors.sum() / base_errors.sum() if base_errors.sum() > 0 else float('nan'))
+        degradation = (base_errors - baseline.clean_error).sum()
+        relative.append((own_errors - result.clean_error).sum() / degradation if degradation != 0
+                        else float('nan'))
+    result.mce = float(np.mean(ce))
+    result.relative_mce = float(np.mean(relative))
+    result.baseline = baseline
+    return result
+
+
+def _check_evaluation_args(corruptions, severities, baseline):
+    if isinstance(corruptions, str):
+        raise ValueError(f"corruptions={corruptions!r} must be a sequence of names, e.g. ({corruptions!r},).")
+    corruptions = tuple(corruptions)
+    if not corruptions:
+        raise ValueError("corruptions is empty; pass names from CORRUPTIONS or EXTRA_CORRUPTIONS.")
+    for name in corruptions:
+        _check_corruption_name(name, 'corruptions')
+    severities = (severities,) if isinstance(severities, (int, np.integer)) else tuple(severities)
+    if not severities:
+        raise ValueError("severities is empty; pass integers from 1 to 5.")
+    for severity in severities:
+        _check_severity(severity, 'severities')
+    if baseline is not None and not isinstance(baseline, RobustnessResult) and not hasattr(baseline, 'model'):
+        raise ValueError(f"baseline must be a Learner, a RobustnessResult or None, got {type(baseline).__name__}.")
+    return corruptions, tuple(int(s) for s in severities)
+
+
+def _evaluation_loader(learn, dl):
+    if dl is None:
+        dls = getattr(learn, 'dls', None)
+        dl = getattr(dls, 'valid', None) if dls is not None else None
+        if dl is None:
+            raise ValueError("learn has no validation DataLoader; pass dl=... explicitly.")
+        where = "learn's validation set"
+    else:
+        where = "dl"
+    size = getattr(dl, 'n', None)
+    if size is None:
+        size = len(dl.dataset) if hasattr(dl, 'dataset') else len(dl)
+    if size == 0:
+        raise ValueError(f"{where} is empty: nothing to evaluate; build the DataLoaders with a validation "
+                         f"split (e.g. valid_pct=0.2) or pass dl=learn.dls.test_dl(items, with_labels=True).")
+    if hasattr(dl, 'new') and (getattr(dl, 'shuffle', False) or getattr(dl, 'drop_last', False)):
+        dl = dl.new(shuffle=False, drop_last=False)  # as Learner.get_preds: every image, once
+    return dl
+
+
+def evaluate_robustness(learn, dl=None, corruptions=CORRUPTIONS, severities=(1, 2, 3, 4, 5), baseline=None,
+                        *, generator=None, show_progress=True):
+    """Error and RMS calibration error of `learn`'s model on its validation set (or `dl`), clean and
+    under every corruption x severity; returns a `RobustnessResult`.
+
+    Batches are decoded to pixels with the DataLoaders' `Normalize` (none: the batch already is
+    pixels in [0, 1]), corrupted with `corrupt`, re-encoded and classified on the model's device,
+    in eval mode without gradients; the model's train/eval mode is restored afterwards. `baseline`
+    (another Learner, evaluated on the very same corrupted images, or its `RobustnessResult`)
+    adds `mce` and `relative_mce`. `generator` seeds the corruptions (None: torch's global RNG).
+    """
+    corruptions, severities = _check_evaluation_args(corruptions, severities, baseline)
+    dl = _evaluation_loader(learn, dl)
+    runners = [_ModelRunner(learn, dl)]
+    if baseline is not None and not isinstance(baseline, RobustnessResult):
+        runners.append(_ModelRunner(baseline, dl))
+    source_stats = _normalize_stats(dl, torch.device('cpu'))
+    n_inputs = getattr(dl, 'n_inp', 1)
+    modes = [runner.model.training for runner in runners]
+    conditions = [(name, severity) for name in corruptions for severity in severities]
+    bar = None
+    if show_progress:
+        from fastprogress.fastprogress import progress_bar
+        bar = progress_bar(range(len(dl) * len(conditions)), leave=False)
+        bar.update(0)
+    done = 0
+    try:
+        for runner in runners:
+            runner.model.eval()
+        with torch.no_grad():
+            for batch in dl:
+                if n_inputs != 1 or len(batch) < 2:
+                    raise ValueError(f"evaluate_robustness needs batches (images, labels), got {len(batch)} "
+                                     f"items with n_inp={n_inputs}.")
+                xb, yb = batch[0], batch[1]
+                targets = torch.as_tensor(yb).as_subclass(torch.Tensor)
+                if targets.ndim != 1 or targets.is_floating_point():
+                    raise ValueError(f"labels must be integer class indices [B], got {targets.dtype} of shape "
+                                     f"{tuple(targets.shape)}; evaluate_robustness measures single-label "
+                                     f"classification.")
+                images = torch.as_tensor(xb).as_subclass(torch.Tensor)
+                if images.ndim != 4 or images.shape[1] not in (1, 3):
+                    raise ValueError(f"the DataLoader's inputs have shape {tuple(images.shape)}; "
+                                     f"expected images [B, C, H, W] with C = 1 or 3.")
+                stats = [(mean.to(images.device), std.to(images.device)) for mean, std in source_stats]
+                pixels = _decode(images.float(), stats).clamp_(0, 1)
+                for runner in runners:
+                    runner.record('clean', pixels, targets)
+                for name, severity in conditions:
+                    corrupted = corrupt(pixels, name, severity, generator)
+                    for runner in runners:
+                        runner.record((name, severity), corrupted, targets)
+                    done += 1
+                    if bar is not None:
+                        bar.update(done)
+    finally:
+        for runner, training in zip(runners, modes):
+            runner.model.train(training)
+        if bar is not None and done < bar.total:
+            bar.on_iter_end()
+    result = runners[0].result(corruptions, severities)
+    if baseline is None:
+        return result
+    base_result = baseline if isinstance(baseline, RobustnessResult) else runners[1].result(corruptions, severities)
+    return _compare(result, base_result)
+
+
+def plot_corruption_errors(results, ax=None):
+    """Bar chart of the error per corruption (mean over severities, clean first) for one or more models.
+
+    `results`: a `RobustnessResult` or a dict {model name: RobustnessResult}. Returns the matplotlib Axes.
+    """
+    import matplotlib.pyplot as plt
+    if isinstance(results, RobustnessResult):
+        results = {'model': results}
+    if not isinstance(results, Mapping) or not results or not all(
+            isinstance(r, RobustnessResult) for r in results.values()):
+        raise ValueError("results must be a RobustnessResult or a non-empty dict {name: RobustnessResult}.")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(12, 4))
+    names = ['clean'] + list(dict.fromkeys(n for r in results.values() for n in r.table.corruption))
+    width = 0.8 / len(results)
+    for i, (label, result) in enumerate(results.items()):
+        errors = result.per_corruption().error
+        heights = [result.clean_error] + [errors.get(name, float('nan')) for name in names[1:]]
+        positions = np.arange(len(names)) + (i - (len(results) - 1) / 2) * width
+        ax.bar(positions, heights, width=width, label=label)
+    ax.set_xticks(np.arange(len(names)))
+    ax.set_xticklabels([name.replace('_', ' ') for name in names], rotation=45, ha='right')
+    ax.set_ylabel('error (mean over severities)')
+    ax.legend()
+    return ax
