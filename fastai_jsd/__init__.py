@@ -1,6 +1,12 @@
 """AugMix and the Jensen-Shannon consistency loss for fastai: batched, per-image, on the device."""
 __version__ = "0.1.0"
 
+from fastai_jsd.augmix import AugMixParams, apply_augmix, augmix, sample_augmix
+from fastai_jsd.callback import AugMixCallback, split_batchnorm
 from fastai_jsd.loss import JsdCrossEntropy
+from fastai_jsd.robustness import (CORRUPTIONS, EXTRA_CORRUPTIONS, RobustnessResult, calibration_error, corrupt,
+                                   evaluate_robustness, plot_corruption_errors)
 
-__all__ = ["JsdCrossEntropy", "__version__"]
+__all__ = ["AugMixCallback", "JsdCrossEntropy", "split_batchnorm", "augmix", "sample_augmix", "apply_augmix",
+           "AugMixParams", "CORRUPTIONS", "EXTRA_CORRUPTIONS", "RobustnessResult", "corrupt", "calibration_error",
+           "evaluate_robustness", "plot_corruption_errors", "__version__"]

@@ -23,8 +23,7 @@ from PIL import Image
 from torch import nn
 
 from _images import photo_crops, to_grayscale
-from fastai_jsd.loss import JsdCrossEntropy
-from fastai_jsd.callback import AugMixCallback
+from fastai_jsd import AugMixCallback, JsdCrossEntropy
 from fastai_jsd.callback import LossPartsRecorder, find_normalize, split_batchnorm
 
 BS = 8
