@@ -9,13 +9,15 @@ splits gets its targets repeated instead). `after_loss` puts the clean block bac
 metrics, recorders and other callbacks see B rows. Nothing is swapped, so nothing needs
 restoring after a cancelled or crashed fit.
 """
+import sys
+
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.mixup import MixHandler
 from fastai.callback.training import GradientAccumulation
 from fastai.data.transforms import Normalize
 from fastai.learner import Recorder
-from fastai.torch_core import retain_type
+from fastai.torch_core import num_distrib, rank_distrib, retain_type
 
 from fastai_jsd.augmix import augmix, check_augmix_args
 
@@ -102,6 +104,57 @@ def _split_bn_counts(model):
     return {m.num_splits for m in model.modules() if isinstance(m, SplitBatchNorm2d)}
 
 
+# ----- distributed training: fastai's DistributedTrainer (learn.distrib_ctx(), Accelerate + DDP) -----
+
+def rank_seed():
+    """A seed for this process's own augmentation draws when several processes train, else None.
+
+    fastai's `set_seed` gives every rank the same global RNG state, so drawing views from it would
+    give every rank the same augmentations. Seed + rank is how timm (`random_seed(seed, rank)`) and
+    Accelerate (`set_seed(seed, device_specific=True)`) make ranks differ; the base comes from the
+    global RNG, so `set_seed` still makes the run reproducible and a second fit draws new views.
+    """
+    if num_distrib() <= 1:
+        return None
+    return int(torch.randint(0, 2 ** 62, ())) + rank_distrib()
+
+
+def _has_split_bn(model):
+    """Whether `model` has split BatchNorm: timm's SplitBatchNorm2d, or what a sync-BN conversion made of one."""
+    # convert_sync_batchnorm turns a SplitBatchNorm2d into one SyncBatchNorm and keeps its `aux_bn` as a child
+    from timm.layers import SplitBatchNorm2d
+    return any(isinstance(m, SplitBatchNorm2d) or (isinstance(m, torch.nn.SyncBatchNorm) and hasattr(m, 'aux_bn'))
+               for m in model.modules())
+
+
+def _sync_bn_conflict(learn):
+    """Why `learn` would train with SyncBatchNorm and how to avoid it, or None when it would not."""
+    # Looked up, not imported: fastai.distributed needs Accelerate, which is an optional dependency.
+    trainer_class = getattr(sys.modules.get('fastai.distributed'), 'DistributedTrainer', None)
+    if trainer_class is not None and any(isinstance(cb, trainer_class) and cb.sync_bn for cb in learn.cbs):
+        return ("fastai's DistributedTrainer(sync_bn=True) (the default of learn.distrib_ctx() and to_distributed()) "
+                "would convert the model's BatchNorm layers. Train with learn.distrib_ctx(sync_bn=False): each "
+                "rank's split BN then normalizes its own clean and augmented blocks. Or keep SyncBatchNorm and "
+                "rebuild the model without split_batchnorm.")
+    if any(isinstance(m, torch.nn.SyncBatchNorm) for m in learn.model.modules()):
+        return ("The model already has SyncBatchNorm layers (converted by hand, or by an earlier fit under "
+                "distrib_ctx(sync_bn=True), which fastai does not undo). Rebuild it, call split_batchnorm on the "
+                "new model and train with learn.distrib_ctx(sync_bn=False); or keep SyncBatchNorm without "
+                "split_batchnorm.")
+    return None
+
+
+def check_split_bn_without_sync_bn(learn):
+    """ValueError when a split-BN model would train with SyncBatchNorm, which silently undoes the split."""
+    conflict = _sync_bn_conflict(learn) if _has_split_bn(learn.model) else None
+    if conflict is None:
+        return
+    raise ValueError(
+        "Split BatchNorm (split_batchnorm) cannot train with SyncBatchNorm: nn.SyncBatchNorm.convert_sync_batchnorm "
+        "turns each SplitBatchNorm2d into one SyncBatchNorm that normalizes all splits together and never runs the "
+        "auxiliary BNs (timm's train.py refuses --split-bn with --sync-bn for the same reason). " + conflict)
+
+
 class AugMixCallback(Callback):
     """Train on AugMix views of every image: clean first, then `num_splits - 1` independent augmented splits.
 
@@ -115,6 +168,7 @@ class AugMixCallback(Callback):
     # `yb` rows in `after_loss`, and before MixedPrecision (10), so AugMix runs outside autocast in float32.
     order = GradientAccumulation.order - 1
     run_valid = False
+    _stateattrs = ('_rank_generator',)  # a per-fit RNG, possibly on a GPU: not part of an exported Learner
 
     def __init__(self, num_splits=3, severity=3, width=3, depth=-1, alpha=1., all_ops=False, fill=None,
                  augment=None):
@@ -151,7 +205,7 @@ class AugMixCallback(Callback):
     # ----- fit-level checks -----
     def before_fit(self):
         """Find the Normalize to decode with and check that loss and model agree with `num_splits`."""
-        self.normalize = find_normalize(self.dls.train)
+        self.dls_normalize = find_normalize(self.dls.train)
         self.split_loss = underlying_loss(self.learn.loss_func)
         self.loss_takes_splits = bool(getattr(self.split_loss, 'consumes_splits', False))
         loss_splits = getattr(self.split_loss, 'num_splits', None) if self.loss_takes_splits else None
@@ -162,6 +216,23 @@ class AugMixCallback(Callback):
         if bn_splits and bn_splits != {self.num_splits}:
             raise ValueError(f"The model has split BatchNorm for num_splits={sorted(bn_splits)} but AugMixCallback "
                              f"makes num_splits={self.num_splits}. Call split_batchnorm(learn, {self.num_splits}).")
+        check_split_bn_without_sync_bn(self.learn)
+        self._rank_seed, self._rank_generator = rank_seed(), None
+
+    def after_fit(self):
+        """Drop the per-rank generator: `show()` and an exported Learner use the global RNG again."""
+        self._rank_seed = self._rank_generator = None
+
+    def rank_generator(self, device):
+        """This rank's AugMix generator on `device` when several processes train; None (global RNG) otherwise."""
+        seed = getattr(self, '_rank_seed', None)
+        if seed is None:
+            return None
+        generator = getattr(self, '_rank_generator', None)
+        if generator is None or generator.device != device:
+            # on the images' device, so sampling adds no host-to-device copy (a stream sync) per batch
+            generator = self._rank_generator = torch.Generator(device=device).manual_seed(seed)
+        return generator
 
     # ----- one training batch -----
     def before_batch(self):
@@ -203,13 +274,14 @@ class AugMixCallback(Callback):
                                  f"got {type(out).__name__}{tuple(getattr(out, 'shape', ()))}.")
             return out
         return augmix(pixels, severity=self.severity, width=self.width, depth=self.depth, alpha=self.alpha,
-                      all_ops=self.all_ops, fill=self.fill_value(pixels))
+                      all_ops=self.all_ops, fill=self.fill_value(pixels),
+                      generator=self.rank_generator(pixels.device))
 
     def fill_value(self, pixels):
         """`fill`, or the dataset mean colour (so it encodes to zero) when None and the data is normalized."""
         if self.fill is not None:
             return self.fill
-        norm = getattr(self, 'normalize', None)
+        norm = getattr(self, "dls_normalize", None)
         if norm is None:
             return 0.
         return torch.as_tensor(norm.mean, device=pixels.device, dtype=pixels.dtype).flatten()
@@ -217,7 +289,7 @@ class AugMixCallback(Callback):
     def decode(self, images):
         """Pixels in [0, 1] from a normalized batch, as a new plain tensor (no Normalize: a copy)."""
         pixels = images.as_subclass(torch.Tensor).float()
-        norm = getattr(self, 'normalize', None)
+        norm = getattr(self, "dls_normalize", None)
         if norm is None:
             return pixels.clone()
         mean, std = self._stats(norm, pixels)
@@ -225,7 +297,7 @@ class AugMixCallback(Callback):
 
     def encode_(self, pixels):
         """Normalize `pixels` in place (a tensor this callback owns) with the DataLoaders' statistics."""
-        norm = getattr(self, 'normalize', None)
+        norm = getattr(self, "dls_normalize", None)
         if norm is None:
             return pixels
         mean, std = self._stats(norm, pixels)
@@ -270,7 +342,7 @@ class AugMixCallback(Callback):
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int (number of images to show); got n={n!r}.")
         loader = dl if dl is not None else self.dls.train
-        self.normalize = find_normalize(loader)
+        self.dls_normalize = find_normalize(loader)
         images = check_image_batch(loader.one_batch()[:loader.n_inp])[:n]
         num_views = max(self.num_splits - 1, 1)
         with torch.no_grad():

@@ -143,7 +143,7 @@ def test_stacks_clean_first_and_restores_clean_rows(dls):
 def test_augmented_views_are_real_augmix_views_in_pixel_space(dls):
     learn = make_learner(dls)
     cb = learn.aug_mix
-    cb.normalize = find_normalize(dls.train)
+    cb.dls_normalize = find_normalize(dls.train)
     images = dls.train.one_batch()[0]
     views = cb.augmented_views(images, 2)
     pixels = cb.decode(views)
@@ -302,11 +302,11 @@ def test_show_draws_clean_and_views(dls):
 
 def test_fill_none_is_the_dataset_mean(dls):
     cb = AugMixCallback()
-    cb.normalize = find_normalize(dls.train)
+    cb.dls_normalize = find_normalize(dls.train)
     fill = cb.fill_value(torch.zeros(1, 3, 4, 4))
     torch.testing.assert_close(fill, torch.tensor(imagenet_stats[0]))
     assert AugMixCallback(fill=0.5).fill_value(torch.zeros(1, 3, 4, 4)) == 0.5
-    cb.normalize = None
+    cb.dls_normalize = None
     assert cb.fill_value(torch.zeros(1, 3, 4, 4)) == 0.
 
 
