@@ -7,8 +7,11 @@ Everything runs on one CPU thread (`torch.set_num_threads(1)`): a DataLoader wor
 core, so per-core throughput is the fair comparison with timm's per-image AugMix, which is
 what a worker runs. timm uses the paper's 9 ops on PIL images; torchvision's `v2.AugMix`
 runs on a uint8 batch as it is meant to (one op chain for the whole batch, so it does less
-work than per-image AugMix). Each figure is the median of `--repeats` timed runs after one
-warm-up run.
+work than per-image AugMix). Every method gets its input ready before the clock starts:
+timm its PIL images, torchvision its uint8 batch, fastai_jsd its float batch in [0, 1]; each
+figure times only the augmentation (for fastai_jsd the whole public `augmix` call: input
+checks, sampling and application). Each figure is the median of `--repeats` timed runs after
+one warm-up run; the runs of the three methods are interleaved, so load changes hit all alike.
 """
 import argparse
 import statistics

@@ -4,6 +4,18 @@ Sampling is separate from application (kornia's split): `sample_augmix` draws an
 `AugMixParams` of per-image tensors, `apply_augmix` replays it, and `augmix` does
 validate -> sample -> apply. Ops and magnitudes follow the paper's code
 (google-research/augmix `augmentations.py`, `augment_and_mix.py`).
+
+The apply path: the B * width chains run as one batch, step by step. At each step the chains
+are sorted by op, and every op's kernel runs once on all the chains that draw it (no loop
+over images): pixel ops copy those chains' images into place and work there in place, the
+geometric ops read them where they are (geometry.py: shears and translations are row copies,
+only rotate resamples in 2-D). The images live in one buffer per call, the arena: fill colour,
+the clean images, then one region per step for that step's results. A chain's latest image
+stays where it was written, so a skipped step (past the chain's depth, or a geometric op with
+argument 0) costs nothing. On CPU a chain is mixed into the output right after its last op,
+while its image is still in cache, and the batch runs in blocks of a few MB of images that
+reuse one arena and one set of work buffers (glibc hands out fresh pages for every large
+allocation, and faulting them in costs more than the arithmetic).
 """
 import numbers
 from dataclasses import dataclass
@@ -69,21 +81,99 @@ def _solarize_threshold(level, height, width):
     return (256 - torch.floor(level * 256 / 10)) / 255
 
 
-def _autocontrast(x, argument): return ops.autocontrast(x)
-def _equalize(x, argument): return ops.equalize(x)
-def _shear_x_matrix(factor, height, width): return geometry.shear_x_matrix(factor)
-def _shear_y_matrix(factor, height, width): return geometry.shear_y_matrix(factor)
-def _translate_x_matrix(pixels, height, width): return geometry.translate_x_matrix(pixels)
-def _translate_y_matrix(pixels, height, width): return geometry.translate_y_matrix(pixels)
+# Application: `apply(source, positions, argument, fill, out, workspace)` writes the op applied to
+# the images `source.images[positions]` (a geometry.PaddedImages) into `out`, with `argument` the
+# `[N]` arguments of those images. Pixel ops copy their images into `out` and work there in place;
+# the geometric ops read the source directly (see geometry.py: shifts along one axis are row
+# copies, only rotate resamples in 2-D).
+
+def _gather(source, positions, out):
+    """Copy the images `source.images[positions]` into `out`."""
+    return torch.index_select(source.images, 0, positions, out=out)
+
+
+def _per_image(argument, out):
+    """The `[N]` arguments as `[N, 1, 1, 1]` in the images' dtype, to broadcast over them."""
+    return argument.to(out.dtype).view(-1, 1, 1, 1)
+
+
+def _apply_autocontrast(source, positions, argument, fill, out, workspace):
+    return ops.autocontrast_into(_gather(source, positions, out), out)
+
+
+def _apply_equalize(source, positions, argument, fill, out, workspace):
+    levels = workspace.empty('levels', out.shape, torch.int32)
+    return ops.equalize_into(_gather(source, positions, out), out, levels)
+
+
+def _apply_posterize(source, positions, bits, fill, out, workspace):
+    return ops.posterize_into(_gather(source, positions, out), ops.posterize_step(_per_image(bits, out)), out)
+
+
+def _apply_solarize(source, positions, threshold, fill, out, workspace):
+    threshold = ops.solarize_pixel_threshold(_per_image(threshold, out), out.dtype)
+    inverted = workspace.empty('inverted', out.shape, out.dtype)
+    return ops.solarize_into(_gather(source, positions, out), threshold, out, inverted)
+
+
+def _apply_rotate(source, positions, degrees, fill, out, workspace):
+    matrix = geometry.rotation_matrix(degrees, out.shape[2], out.shape[3])
+    return geometry.warp_images(source, positions, matrix, fill, out, workspace)
+
+
+def _apply_shear_x(source, positions, factor, fill, out, workspace):
+    shift = factor[:, None] * workspace.arange(out.shape[2], factor.dtype, offset=0.5)
+    return geometry.shift_rows(source, positions, shift, fill, out, workspace)
+
+
+def _apply_shear_y(source, positions, factor, fill, out, workspace):
+    shift = factor[:, None] * workspace.arange(out.shape[3], factor.dtype, offset=0.5)
+    return geometry.shift_columns(source, positions, shift, fill, out, workspace)
+
+
+def _apply_translate_x(source, positions, pixels, fill, out, workspace):
+    """Whole pixels, as sample_augmix draws them (`_op_groups` sends other values to the fractional kernel)."""
+    return geometry.translate_whole_columns(source, positions, pixels, fill, out, workspace)
+
+
+def _apply_translate_y(source, positions, pixels, fill, out, workspace):
+    """Whole pixels, as sample_augmix draws them (`_op_groups` sends other values to the fractional kernel)."""
+    return geometry.translate_whole_rows(source, positions, pixels, fill, out, workspace)
+
+
+def _apply_fractional_translate_x(source, positions, pixels, fill, out, workspace):
+    return geometry.shift_rows(source, positions, pixels[:, None].expand(-1, out.shape[2]), fill, out, workspace)
+
+
+def _apply_fractional_translate_y(source, positions, pixels, fill, out, workspace):
+    return geometry.shift_columns(source, positions, pixels[:, None].expand(-1, out.shape[3]), fill, out, workspace)
+
+
+def _apply_color(source, positions, factor, fill, out, workspace):
+    return ops.color_into(_gather(source, positions, out), _per_image(factor, out), out)
+
+
+def _apply_contrast(source, positions, factor, fill, out, workspace):
+    return ops.contrast_into(_gather(source, positions, out), _per_image(factor, out), out)
+
+
+def _apply_brightness(source, positions, factor, fill, out, workspace):
+    return ops.brightness_into(_gather(source, positions, out), _per_image(factor, out), out)
+
+
+def _apply_sharpness(source, positions, factor, fill, out, workspace):
+    # The smoothing reads neighbours, so the images go to a separate buffer first.
+    gathered = _gather(source, positions, workspace.empty('gathered', out.shape, out.dtype))
+    return ops.sharpness_into(gathered, _per_image(factor, out), out)
 
 
 class AugMixOp(NamedTuple):
     """One row of the op table: how to apply the op and how its argument follows from the level.
 
-    `function` is a kernel `(x, argument) -> x` for pixel ops, or a matrix builder
-    `(argument, height, width) -> [N, 3, 3]` for geometric ops, which share one warp per step.
+    `apply(source, positions, argument, fill, out, workspace)` is described above. Geometric ops
+    are the identity for an argument of 0 (rotate 0 degrees, translate 0 pixels), which skips them.
     """
-    function: Callable
+    apply: Callable
     level_to_argument: Callable
     geometric: bool = False
     signed: bool = False
@@ -91,19 +181,19 @@ class AugMixOp(NamedTuple):
 
 # Order of the paper's `augmentations_all`; its first 9 are `augmentations`.
 OPS = {
-    'autocontrast': AugMixOp(_autocontrast, _no_argument),
-    'equalize': AugMixOp(_equalize, _no_argument),
-    'posterize': AugMixOp(ops.posterize, _posterize_bits),
-    'rotate': AugMixOp(geometry.rotation_matrix, _rotate_degrees, geometric=True, signed=True),
-    'solarize': AugMixOp(ops.solarize, _solarize_threshold),
-    'shear_x': AugMixOp(_shear_x_matrix, _shear_factor, geometric=True, signed=True),
-    'shear_y': AugMixOp(_shear_y_matrix, _shear_factor, geometric=True, signed=True),
-    'translate_x': AugMixOp(_translate_x_matrix, _translate_x_pixels, geometric=True, signed=True),
-    'translate_y': AugMixOp(_translate_y_matrix, _translate_y_pixels, geometric=True, signed=True),
-    'color': AugMixOp(ops.color, _enhance_factor),
-    'contrast': AugMixOp(ops.contrast, _enhance_factor),
-    'brightness': AugMixOp(ops.brightness, _enhance_factor),
-    'sharpness': AugMixOp(ops.sharpness, _enhance_factor),
+    'autocontrast': AugMixOp(_apply_autocontrast, _no_argument),
+    'equalize': AugMixOp(_apply_equalize, _no_argument),
+    'posterize': AugMixOp(_apply_posterize, _posterize_bits),
+    'rotate': AugMixOp(_apply_rotate, _rotate_degrees, geometric=True, signed=True),
+    'solarize': AugMixOp(_apply_solarize, _solarize_threshold),
+    'shear_x': AugMixOp(_apply_shear_x, _shear_factor, geometric=True, signed=True),
+    'shear_y': AugMixOp(_apply_shear_y, _shear_factor, geometric=True, signed=True),
+    'translate_x': AugMixOp(_apply_translate_x, _translate_x_pixels, geometric=True, signed=True),
+    'translate_y': AugMixOp(_apply_translate_y, _translate_y_pixels, geometric=True, signed=True),
+    'color': AugMixOp(_apply_color, _enhance_factor),
+    'contrast': AugMixOp(_apply_contrast, _enhance_factor),
+    'brightness': AugMixOp(_apply_brightness, _enhance_factor),
+    'sharpness': AugMixOp(_apply_sharpness, _enhance_factor),
 }
 OP_NAMES = tuple(OPS)
 PAPER_OP_COUNT = 9  # `augmentations` of the paper; `all_ops=True` adds the 4 ImageNet-C overlaps
@@ -250,103 +340,51 @@ def check_params(params, batch_size):
                          f"(indices into OP_NAMES).")
 
 
-# Work is grouped by op: each pixel op is one group, all geometric ops form one group (one
-# `warp_affine` per step, with each image's own matrix), and chains past their depth are done.
-_PIXEL_OPS = tuple(i for i, name in enumerate(OP_NAMES) if not OPS[name].geometric)
-_GEOMETRIC_GROUP = len(_PIXEL_OPS)
-# A geometric op with argument 0 (rotate 0 degrees, translate 0 pixels: common at small sizes,
-# where int(level * W / 30) is often 0) is the identity: its rows skip the warp.
-_UNCHANGED_GROUP = _GEOMETRIC_GROUP + 1
-_DONE_GROUP = _UNCHANGED_GROUP + 1
-# Indexed by op index + 1, so that NO_OP (-1) maps to the done group.
-_GROUP_OF_OP = (_DONE_GROUP,) + tuple(_PIXEL_OPS.index(i) if i in _PIXEL_OPS else _GEOMETRIC_GROUP
-                                      for i in range(len(OP_NAMES)))
-# glibc serves allocations above 32 MB (its largest mmap threshold) with fresh pages every
-# time, and faulting them in costs several times the arithmetic of a pass over them. On CPU
-# the batch therefore runs in blocks whose chain images stay well below that, so every
-# buffer and kernel output is recycled from the heap; smaller blocks also stay in cache.
-_CPU_BLOCK_BYTES = 12 * 2 ** 20
+# Work is grouped by op: at each step the chains are sorted by group and every group's kernel runs
+# once on all its chains. Translations by a fraction of a pixel (never drawn by sample_augmix, but
+# valid in hand-made params) take the interpolating kernels; a geometric op with argument 0, and
+# every step past a chain's depth, leaves the chain where it is: no work and no copy.
+_FRACTIONAL_TRANSLATE_X = len(OP_NAMES)
+_FRACTIONAL_TRANSLATE_Y = len(OP_NAMES) + 1
+_UNCHANGED = len(OP_NAMES) + 2
+_GROUP_COUNT = _UNCHANGED + 1
+_APPLY_OF_GROUP = tuple(OPS[name].apply for name in OP_NAMES) + (_apply_fractional_translate_x,
+                                                                 _apply_fractional_translate_y)
+# On CPU the batch runs in blocks whose chain images take at most this many bytes: a 32 px batch
+# of 256 in one block (per-kernel overhead dominates there), a few 224 px images per block (the
+# arena of a block stays in cache). Measured: 4 to 16 MB are within noise at 224 px.
+_CPU_BLOCK_BYTES = 10 * 2 ** 20
 
 
-def _geometric_matrices(op_index, argument, height, width):
-    """Each row's `[N, 3, 3]` PIL matrix for its geometric op (identity for rows with another op)."""
-    matrix = None
-    for index, name in enumerate(OP_NAMES):
-        op = OPS[name]
-        if not op.geometric:
-            continue
-        op_matrix = op.function(argument, height, width)
-        if matrix is None:
-            matrix = torch.eye(3, dtype=op_matrix.dtype, device=op_matrix.device).expand_as(op_matrix)
-        matrix = torch.where((op_index == index)[:, None, None], op_matrix, matrix)
-    return matrix
+def _op_groups(op_index, argument):
+    """The group of every chain step: its op, a fractional translation, or `_UNCHANGED`."""
+    device = op_index.device
+    geometric = torch.tensor([OPS[name].geometric for name in OP_NAMES], device=device)
+    known = op_index.clamp(min=0)
+    unchanged = (op_index == NO_OP) | (geometric[known] & (argument == 0))
+    fractional = argument != torch.floor(argument)
+    group = torch.where((op_index == OP_NAMES.index('translate_x')) & fractional, _FRACTIONAL_TRANSLATE_X, op_index)
+    group = torch.where((op_index == OP_NAMES.index('translate_y')) & fractional, _FRACTIONAL_TRANSLATE_Y, group)
+    return group.masked_fill_(unchanged, _UNCHANGED)
 
 
-def _apply_op_group(block, group_id, op_index, argument, fill):
-    """Run one group's op on its contiguous block of chain images (a new tensor, or the block if unchanged)."""
-    height, width = block.shape[-2:]
-    if group_id == _UNCHANGED_GROUP:
-        return block
-    if group_id == _GEOMETRIC_GROUP:
-        return geometry.warp_affine(block, _geometric_matrices(op_index, argument, height, width), fill)
-    return OPS[OP_NAMES[_PIXEL_OPS[group_id]]].function(block, argument)
+def _mixes_early(device):
+    """Whether chains are mixed in at their last op (CPU) rather than after all steps.
 
-
-def _apply_block(x, op_index, argument, mix_weight, fill, out):
-    """Add sum_i mix_weight_i * chain_i(x) of the images `x` to `out` (mix_weight [rows] is m * w_i).
-
-    The rows (image-major: row = image * width + chain) run as one batch. At each step they
-    are sorted by op group, and within a group the chains that end at this step come last, so
-    every kernel runs once on a contiguous block, its continuing rows are copied straight to
-    their place in the next step's buffer and its finished rows to the finished chains.
-    Two buffers take turns as a step's input and output; nothing else is allocated per step.
+    On CPU the image is then still in cache, and index_add_ is sequential, so the sum is the
+    same for any block size. Elsewhere the chains are mixed at the end, chain after chain:
+    index_add_ with repeated indices is not deterministic on CUDA.
     """
-    rows, steps = op_index.shape
-    batch = x.shape[0]
-    chains = rows // batch
-    device = x.device
-    group = torch.tensor(_GROUP_OF_OP, device=device)[op_index + 1]
-    group = group.masked_fill_((group == _GEOMETRIC_GROUP) & (argument == 0), _UNCHANGED_GROUP)
-    ending = torch.ones_like(group, dtype=torch.bool)
-    ending[:, :-1] = group[:, 1:] == _DONE_GROUP
-    key = group * 2 + ending.long()  # group g: 2g continues, 2g + 1 ends at this step; done chains last
-    key_count = 2 * (_DONE_GROUP + 1)
-    counts = torch.bincount((key + torch.arange(steps, device=device) * key_count).flatten(),
-                            minlength=steps * key_count)
-    counts = counts.view(steps, key_count).tolist()  # the one host sync
-    alive = [rows - step_counts[-1] - step_counts[-2] for step_counts in counts]
-    orders = [torch.argsort(key[:, step], stable=True)[:alive[step]] for step in range(steps)]
+    return device.type == 'cpu'
 
-    finished = x.new_empty((rows,) + x.shape[1:])
-    buffers = (torch.index_select(x, 0, orders[0] // chains), x.new_empty((max(alive[1:], default=0),) + x.shape[1:]))
-    for step in range(steps):
-        order = orders[step]
-        if step + 1 < steps:
-            position = torch.empty(rows, dtype=torch.long, device=device)
-            position[orders[step + 1]] = torch.arange(alive[step + 1], device=device)
-        step_op = op_index[order, step]
-        step_argument = argument[order, step]
-        start = 0
-        for group_id in range(_DONE_GROUP):
-            continuing, ends = counts[step][2 * group_id], counts[step][2 * group_id + 1]
-            stop = start + continuing + ends
-            if stop == start:
-                continue
-            result = _apply_op_group(buffers[step % 2][start:stop], group_id,
-                                     step_op[start:stop], step_argument[start:stop], fill)
-            chain_rows = order[start:stop]
-            if continuing:
-                buffers[(step + 1) % 2].index_copy_(0, position[chain_rows[:continuing]], result[:continuing])
-            if ends:
-                finished.index_copy_(0, chain_rows[continuing:], result[continuing:])
-            start = stop
-    # Unique destinations and a fixed summation order keep the result bitwise reproducible on
-    # CUDA too (index_add_ would race); elementwise rather than bmm, which TF32 may round.
-    finished = finished.view(batch, chains, *x.shape[1:])
-    mix_weight = mix_weight.view(batch, chains, 1, 1, 1)
-    for chain in range(chains):
-        out.addcmul_(finished[:, chain], mix_weight[:, chain])
-    return out
+
+def _step_keys(group):
+    """Sort keys of the chain steps `[..., steps]`: 2 * group, plus 1 at a chain's last op."""
+    steps = group.shape[-1]
+    active = group != _UNCHANGED
+    step = torch.arange(steps, device=group.device)
+    last = torch.where(active, step, -1).amax(dim=-1, keepdim=True)
+    return 2 * group + (step == last).long()
 
 
 def _block_size(x, width):
@@ -357,34 +395,144 @@ def _block_size(x, width):
     return max(1, min(x.shape[0], _CPU_BLOCK_BYTES // max(chain_bytes, 1)))
 
 
+class _Arena(NamedTuple):
+    """Where one block's chain images live: see `_arena_slots`."""
+    images: Tensor  # [slots, C, H, W]
+    pad: int        # fill slots at the start, and gap slots after every region
+
+
+def _arena_slots(block_images, step_counts, pad):
+    """Image slots a block needs: fill, its images, then each step's results, every region followed by a gap.
+
+    Slot 0 (to `pad`) holds the fill colour, the source of the rows translate_y uncovers. The
+    gaps give the row windows of the shift kernels finite padding to overhang into, and keep
+    every step's output out of the storage its kernels read.
+    """
+    active = [sum(counts[:2 * _UNCHANGED]) for counts in step_counts]
+    return pad + block_images + pad + sum(count + pad for count in active if count)
+
+
+def _clear_gap(arena, slot):
+    """Make the ends of the gap after `slot` finite: a row window overhangs an image by at most width + 1 elements."""
+    flat = arena.images.view(arena.images.shape[0], -1)[slot:slot + arena.pad].view(-1)
+    edge = min(flat.numel(), arena.images.shape[-1] + 2)
+    flat[:edge] = 0
+    flat[-edge:] = 0
+
+
+def _apply_block(x, key, argument, mix_weight, blend, step_counts, fill, arena, workspace, out):
+    """Write the AugMix of the images `x` (a block) into `out`: chains run step by step, grouped by op.
+
+    `key` and `argument` are `[rows, steps]` (row = image * width + chain; key = 2 * group + 1
+    at a chain's last op, see `_step_keys`), `mix_weight` is `[images, width]` (m * w_i) and
+    `step_counts[s][k]` counts the rows of key k at step s. Every chain row keeps the arena slot
+    of its latest image; a step writes its results to a new region of the arena.
+    """
+    batch = x.shape[0]
+    rows, steps = key.shape
+    width = rows // batch
+    pad = arena.pad
+    images = arena.images
+    device = x.device
+    images[pad:pad + batch] = x
+    _clear_gap(arena, pad + batch)
+    position = torch.arange(pad, pad + batch, device=device).repeat_interleave(width)
+    mix_early = _mixes_early(device)
+    weight_of_row = mix_weight.reshape(-1)
+    image_of_row = torch.arange(batch, device=device).repeat_interleave(width)
+    keep_clean = 1 - blend
+    if mix_early:  # chains that no op changes mix in the clean image
+        untouched = (key == 2 * _UNCHANGED).all(dim=1).view(batch, width)
+        keep_clean = keep_clean + (mix_weight * untouched).sum(dim=1)
+    torch.mul(images[pad:pad + batch], keep_clean.view(-1, 1, 1, 1), out=out)
+    region = pad + batch + pad
+    # _UNCHANGED is the largest group, so every step's active rows come first, sorted by group,
+    # and within a group the chains that end there come last.
+    orders = torch.argsort(key, dim=0, stable=True)
+    for step in range(steps):
+        counts = step_counts[step][:2 * _UNCHANGED]
+        active = sum(counts)
+        if not active:
+            continue
+        order = orders[:active, step]
+        source = geometry.PaddedImages(images[:region])
+        source_position = position[order]
+        step_argument = argument[order, step]
+        if mix_early:
+            step_weight = weight_of_row[order].view(-1, 1, 1, 1)
+            step_image = image_of_row[order]
+        start = 0
+        for group_id in range(_UNCHANGED):
+            continuing, ending = counts[2 * group_id], counts[2 * group_id + 1]
+            stop = start + continuing + ending
+            if stop == start:
+                continue
+            result = images[region + start:region + stop]
+            _APPLY_OF_GROUP[group_id](source, source_position[start:stop], step_argument[start:stop], fill, result,
+                                      workspace)
+            if mix_early and ending:
+                ending_rows = slice(start + continuing, stop)
+                finished = result[continuing:].mul_(step_weight[ending_rows])
+                out.index_add_(0, step_image[ending_rows], finished)
+            start = stop
+        position[order] = torch.arange(region, region + active, device=device)
+        region += active
+        _clear_gap(arena, region)
+        region += pad
+    if not mix_early:
+        # The paper's mix, chain after chain in a fixed order; elementwise rather than bmm, which TF32 may round.
+        chain_image = workspace.empty('chain_image', x.shape, images.dtype)
+        position = position.view(batch, width)
+        for chain in range(width):
+            torch.index_select(images, 0, position[:, chain], out=chain_image)
+            out.addcmul_(chain_image, mix_weight[:, chain].view(-1, 1, 1, 1))
+    return out
+
+
 def apply_augmix(x, params, fill=0.):
     """Apply one AugMix draw to `x` (float `[B, C, H, W]` in [0, 1]); a new tensor, `x` is untouched.
 
     mixed = (1 - m) * x + m * sum_i w_i * chain_i(x), the paper's mixing, with every image's
     own m, w, ops and arguments from `params`. The B * width chains run as one batch, grouped
-    by op; on CPU in blocks of a few MB of images (see _CPU_BLOCK_BYTES), never image by image.
+    by op (see the module docs); on CPU in blocks of a few MB of images (see _CPU_BLOCK_BYTES),
+    never image by image. Half-precision images are augmented in float32.
     """
     check_images(x)
     batch, channels, height, width = x.shape
     check_params(params, batch)
-    fill = fill_colour(fill, channels, x.device, x.dtype)
-    params = params.to(x.device)
+    dtype = geometry.compute_dtype_of(x.dtype)
+    fill = fill_colour(fill, channels, x.device, dtype)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if out.numel() == 0:
         return out
-    x = x.contiguous()
-    blend = params.blend.to(x.dtype)
-    torch.mul(x, (1 - blend).view(-1, 1, 1, 1), out=out)
-    mix_weight = (params.chain_weights.to(x.dtype) * blend[:, None]).flatten()
-    op_index = params.op_index.flatten(0, 1)
-    argument = params.op_argument.flatten(0, 1)
+    params = params.to(x.device)
     chains = params.width
+    steps = params.steps
+    blend = params.blend.to(dtype)
+    mix_weight = params.chain_weights.to(dtype) * blend[:, None]
+    key = _step_keys(_op_groups(params.op_index, params.op_argument)).flatten(0, 1)
+    argument = params.op_argument.flatten(0, 1)
     block = _block_size(x, chains)
-    for first in range(0, batch, block):
+    block_of_row = torch.arange(key.shape[0], device=x.device) // (block * chains)
+    key_count = 2 * _GROUP_COUNT
+    block_step_key = (block_of_row[:, None] * steps + torch.arange(steps, device=x.device)) * key_count + key
+    block_count = -(-batch // block)
+    counts = torch.bincount(block_step_key.flatten(), minlength=block_count * steps * key_count)
+    counts = counts.view(block_count, steps, key_count).tolist()  # the one host sync
+
+    pad = geometry.padding_slots(channels, height, width)
+    slots = max(_arena_slots(min(block, batch - first), counts[index], pad)
+                for index, first in enumerate(range(0, batch, block)))
+    workspace = geometry.Workspace(x.device)
+    arena = _Arena(workspace.empty('arena', (slots, channels, height, width), dtype), pad)
+    arena.images[:pad] = fill
+    mixed = out if out.dtype == dtype else workspace.empty('mixed', out.shape, dtype)
+    for index, first in enumerate(range(0, batch, block)):
         last = min(first + block, batch)
-        _apply_block(x[first:last], op_index[first * chains:last * chains], argument[first * chains:last * chains],
-                     mix_weight[first * chains:last * chains], fill, out[first:last])
-    return out
+        rows = slice(first * chains, last * chains)
+        _apply_block(x[first:last], key[rows], argument[rows], mix_weight[first:last], blend[first:last],
+                     counts[index], fill, arena, workspace, mixed[first:last])
+    return out if mixed is out else out.copy_(mixed)
 
 
 def augmix(x, severity=3, width=3, depth=-1, alpha=1., all_ops=False, fill=0., generator=None):

@@ -29,9 +29,19 @@ beyond the image edge is replaced by the nearest edge pixel (`XCLIP`/`YCLIP`), s
 half a pixel of the edge the edge pixel is extended rather than blended with the fill.
 PIL then truncates the 8-bit result towards zero; these kernels keep the exact float
 value, which is why they differ from PIL's uint8 output by half a level on average.
+
+Implementation: rotate (and any matrix given to `warp_affine`) is one `grid_sample` with
+border padding, the fill put back with a float inside mask. shear_x and translate_x move every
+row by its own amount, shear_y and translate_y every column, so they need no 2-D sampling:
+`shift_rows` copies each row's shifted window (`index_select` on an `unfold` view, a memcpy per
+row) and interpolates the two neighbouring windows with one `lerp`, which is PIL's bilinear
+filter when the other axis stays on pixel centres; `shift_columns` does the same on the
+transposed images. Whole-pixel translations (all AugMix draws) are plain copies: exact.
+The same PIL rules apply on every path, so the paths agree to float rounding.
 """
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +175,101 @@ def _fill_colour(fill, channels, device, dtype):
     return colour.expand(1, channels, 1, 1)
 
 
+class Workspace:
+    """Buffers that one call reuses from kernel to kernel: `empty(name, shape, dtype)` views the buffer kept as `name`.
+
+    On CPU a fresh tensor above glibc's mmap threshold is new pages every time, and faulting
+    them in costs far more than a pass of arithmetic over them; a workspace lives only as long as
+    the call that made it, so nothing is shared between calls or threads.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.buffers = {}
+
+    def empty(self, name, shape, dtype):
+        numel = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+            buffer = torch.empty(numel, device=self.device, dtype=dtype)
+            self.buffers[name] = buffer
+        return buffer[:numel].view(shape)
+
+    def constant(self, key, make):
+        """`make()`, computed once per workspace for the hashable `key` (sizes, dtype): never written to."""
+        value = self.buffers.get(key)
+        if value is None:
+            value = self.buffers[key] = make()
+        return value
+
+    def arange(self, end, dtype=torch.int64, step=1, offset=0):
+        """The constant `torch.arange(end) * step + offset` (offset 0.5: pixel centres)."""
+        return self.constant(('arange', end, dtype, step, offset), lambda: torch.arange(
+            end, device=self.device, dtype=dtype).mul_(step).add_(offset))
+
+
+class _FreshTensors(Workspace):
+    """The Workspace interface without reuse, for kernels called on their own."""
+
+    def empty(self, name, shape, dtype):
+        return torch.empty(shape, device=self.device, dtype=dtype)
+
+
+def compute_dtype_of(dtype):
+    """float32 for half-precision images: a half-precision position cannot address the pixels of a 224 px image."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _fill_outside(out, inside, fill):
+    """Replace `out` by `fill` where the float mask `inside` (broadcast over channels) is 0, in place.
+
+    `lerp(fill, out, 1)` is `out` and `lerp(fill, out, 0)` is `fill` exactly, and unlike `where`
+    with a boolean mask it runs at memory speed on CPU.
+    """
+    return torch.lerp(fill, out, inside, out=out)
+
+
+def _sizes(width, height, device, dtype):
+    """`[[[width]], [[height]]]`, written on the device (a host-to-device copy would synchronise a GPU stream)."""
+    sizes = torch.empty(2, 1, 1, device=device, dtype=dtype)
+    sizes[0] = width
+    sizes[1] = height
+    return sizes
+
+
+def _warp_into(image, coeffs, fill, out, workspace=None):
+    """Write PIL's bilinear resampling of `image` at the source positions of `coeffs` ([N or 1, 3, 3]) into `out`."""
+    batch, channels, height, width = image.shape
+    dtype = image.dtype
+    workspace = workspace or _FreshTensors(image.device)
+    matrices = coeffs.shape[0]
+    col = workspace.arange(width, dtype, offset=0.5)
+    row = workspace.arange(height, dtype, offset=0.5)[:, None]
+    size = workspace.constant(('warp sizes', width, height, dtype), lambda: _sizes(width, height, image.device, dtype))
+    # Source positions in pixel units first, one broadcast add (both axes at once, dim 1): exact
+    # for integer and half-integer matrices (translations, multiples of 90 degrees), so PIL's
+    # inside test is decided exactly where a source lands on the image edge.
+    rows_of_matrix = coeffs[:, :2, :, None, None]
+    along_x = rows_of_matrix[:, :, 0] * col
+    along_y = torch.addcmul(rows_of_matrix[:, :, 2], rows_of_matrix[:, :, 1], row)
+    source = torch.add(along_x, along_y, out=workspace.empty('source', (matrices, 2, height, width), dtype))
+    # The inside mask as 0/1 floats: compares into a float tensor run several times faster than into bool.
+    inside_axis = torch.ge(source, 0, out=workspace.empty('inside_axis', source.shape, dtype))
+    inside_axis.mul_(torch.lt(source, size, out=workspace.empty('below_size', source.shape, dtype)))
+    inside = torch.mul(inside_axis[:, :1], inside_axis[:, 1:], out=workspace.empty(
+        'inside', (matrices, 1, height, width), dtype))
+    # grid_sample's align_corners=False normalisation: -1 and 1 are the outer image edges.
+    scale = 2 / size
+    grid = workspace.empty('grid', (matrices, height, width, 2), dtype)
+    torch.add(along_x.mul_(scale), along_y.mul_(scale).sub_(1), out=grid.permute(0, 3, 1, 2))
+    # Border padding is PIL's edge rule (XCLIP/YCLIP) inside the image; outside, the mask puts `fill`.
+    sampled = F.grid_sample(image, grid.expand(batch, height, width, 2), mode='bilinear', padding_mode='border',
+                            align_corners=False)
+    # Bilinear weights summing to 1 + ulp overshoot [0, 1] by an ulp; the caller's fill is left as given.
+    sampled.clamp_(0, 1)
+    return torch.lerp(fill, sampled, inside, out=out)
+
+
 def warp_affine(x, matrix, fill=0.):
     """Resample `x` at the source positions `matrix` gives (PIL convention, see module docs).
 
@@ -173,42 +278,199 @@ def warp_affine(x, matrix, fill=0.):
     float32, since a half-precision grid cannot address pixels of a 224 px image.
     """
     check_images(x)
-    batch, channels, height, width = x.shape
-    _check_matrix(matrix, batch)
-    compute_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    fill = _fill_colour(fill, channels, x.device, compute_dtype)
+    _check_matrix(matrix, x.shape[0])
+    compute_dtype = compute_dtype_of(x.dtype)
+    fill = _fill_colour(fill, x.shape[1], x.device, compute_dtype)
     coeffs = matrix.to(device=x.device, dtype=compute_dtype)
-    col = torch.arange(width, device=x.device, dtype=compute_dtype).add_(0.5)
-    row = torch.arange(height, device=x.device, dtype=compute_dtype).add_(0.5)
+    image = x.to(compute_dtype)
+    out = _warp_into(image, coeffs, fill, torch.empty(image.shape, device=x.device, dtype=compute_dtype))
+    return out.to(x.dtype)
 
-    grid = torch.empty(coeffs.shape[0], height, width, 2, device=x.device, dtype=compute_dtype)
-    source = torch.empty(coeffs.shape[0], height, width, device=x.device, dtype=compute_dtype)
-    inside = None
-    for axis, size in ((0, width), (1, height)):
-        # Source positions in pixel units first, one broadcast add per axis: exact for integer and
-        # half-integer matrices (translations, multiples of 90 degrees), so PIL's inside test is
-        # decided exactly where a source lands on the image edge.
-        along_x = coeffs[:, axis, 0, None, None] * col
-        along_y = torch.addcmul(coeffs[:, axis, 2, None, None], coeffs[:, axis, 1, None, None], row[:, None])
-        torch.add(along_x, along_y, out=source)
-        axis_inside = source >= 0
-        axis_inside &= source < size
-        inside = axis_inside if inside is None else inside.logical_and_(axis_inside)
-        # grid_sample's align_corners=False normalisation: -1 and 1 are the outer image edges.
-        torch.add(along_x.mul_(2 / size), along_y.mul_(2 / size).sub_(1), out=grid[..., axis])
 
-    image = x if x.dtype == compute_dtype else x.to(compute_dtype)
-    grid = grid.expand(batch, height, width, 2)
-    out = F.grid_sample(image, grid, mode='bilinear', padding_mode='border', align_corners=False)
-    inside = inside.expand(batch, height, width).unsqueeze(1)
-    # Bilinear weights summing to 1 + ulp overshoot [0, 1] by an ulp; the caller's fill is left as given.
-    out = torch.where(inside, out.clamp_(0, 1), fill, out=out)
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+# --- Shifts along one axis -------------------------------------------------------------------------------------------
+# shear_x and translate_x move every row by its own amount, shear_y and translate_y every column:
+# a one-dimensional resampling. Rather than a 2-D grid_sample, these kernels copy shifted windows
+# of the rows with `index_select` on an `unfold` view (a memcpy per row) and interpolate with
+# one `lerp`; whole-pixel shifts (AugMix's translations) need no interpolation at all. The images
+# sit in a padded buffer (a `PaddedImages`) so that a window overhanging a row's end reads finite
+# padding, never leaves the storage, and whatever it reads there is replaced by `fill` afterwards.
+
+class PaddedImages(NamedTuple):
+    """Images `[S, C, H, W]` in one contiguous buffer whose first `fill_slot + 1` slots hold the fill colour.
+
+    The fill slot is where whole uncovered rows are copied from (translate_y). The shift kernels
+    read up to `width + 1` elements beyond a source image, so the slots before the first and
+    after the last source image must be finite padding (fill slots do).
+    """
+    images: Tensor
+    fill_slot: int = 0
+
+
+def padding_slots(channels, height, width):
+    """Image slots of padding covering the `width + 1` elements a row window may overhang (one, unless tiny images)."""
+    return -(-(width + 2) // (channels * height * width))
+
+
+def pad_images(x, fill):
+    """`x` copied into a PaddedImages between fill-colour padding, and the slots it occupies there."""
+    batch, channels, height, width = x.shape
+    pad = padding_slots(channels, height, width)
+    images = torch.empty((pad + batch + pad, channels, height, width), device=x.device, dtype=fill.dtype)
+    images[:pad] = fill
+    images[pad + batch:] = fill
+    images[pad:pad + batch] = x
+    return PaddedImages(images), torch.arange(pad, pad + batch, device=x.device)
+
+
+def _interval_mask(shift, length, dtype, workspace):
+    """Float mask `[*shift.shape, length]`: 1 at the i where PIL samples the image, 0 where it fills.
+
+    Output pixel i samples source position i + 0.5 + shift (pixel units along the axis), which
+    PIL counts as inside when 0 <= i + 0.5 + shift < length: for first = ceil(-0.5 - shift),
+    the i in [first, first + length). That is the window at length - first of the pattern
+    [0] * length + [1] * length + [0] * length: one row copy per mask row.
+    """
+    def make_pattern():
+        pattern = torch.zeros(3 * length, device=workspace.device, dtype=dtype)
+        pattern[length:2 * length] = 1
+        return pattern
+    pattern = workspace.constant(('interval pattern', length, dtype), make_pattern)
+    first = torch.ceil(-0.5 - shift).clamp_(-length, length).long()
+    mask = workspace.empty('mask', (first.numel(), length), dtype)
+    torch.index_select(pattern.unfold(0, length, 1), 0, (length - first).flatten(), out=mask)
+    return mask.view(*shift.shape, length)
+
+
+def _sample_rows(flat, row_start, shift, length, out, workspace):
+    """out[r, i]: the `length` pixels at flat[row_start[r]:] resampled at i + shift[r] by PIL's bilinear filter.
+
+    A neighbour beyond either end of the row takes the edge pixel's value (PIL's XCLIP), so
+    within half a pixel of the edge the edge pixel is extended; the caller fills what lies
+    outside. `flat` must hold `length + 1` finite elements before and after every row.
+    """
+    whole = torch.floor(shift)
+    fraction = (shift - whole).to(out.dtype)
+    # A shift beyond the row leaves only fill (masked by the caller): clamp so the window stays in the padding.
+    whole = whole.clamp_(-(length + 1), length).long()
+    taps = workspace.empty('taps', (row_start.numel(), length + 1), out.dtype)
+    torch.index_select(flat.unfold(0, length + 1, 1), 0, row_start + whole, out=taps)
+    # taps[r, p] holds column p + whole[r]; output i interpolates taps p = i and i + 1. A window
+    # shifted left (whole < 0) holds column -1 at p = -1 - whole, one shifted right holds column
+    # `length` at p = length - whole: that tap takes the edge column's value, its neighbour. The
+    # output pixel using it is then the edge pixel (PIL's XCLIP), every other one using it is filled.
+    # A window beyond the row has no edge column: the clamps make its copy a no-op.
+    left = whole < 0
+    target = torch.where(left, -1 - whole, length - whole).clamp_(0, length)
+    source = torch.where(left, target + 1, target - 1).clamp_(0, length)
+    first_tap = workspace.arange(taps.shape[0], step=length + 1)
+    flat_taps = taps.view(-1)
+    flat_taps[first_tap + target] = flat_taps[first_tap + source]
+    return torch.lerp(taps[:, :-1], taps[:, 1:], fraction[:, None], out=out)
+
+
+def shift_rows(source, positions, shift, fill, out, workspace=None):
+    """Write the images `source.images[positions]` with row j of image n resampled at x + shift[n, j] into `out`.
+
+    shear_x (shift = factor * (j + 0.5)) and translate_x (a constant shift); PIL's bilinear
+    filter along x, `fill` where the source position leaves the image.
+    """
+    _, channels, height, width = source.images.shape
+    workspace = workspace or _FreshTensors(out.device)
+    row_offset = workspace.arange(channels * height, step=width).view(channels, height)
+    row_start = positions.mul(channels * height * width).view(-1, 1, 1) + row_offset
+    rows_shift = shift[:, None, :].expand(-1, channels, -1)
+    _sample_rows(source.images.view(-1), row_start.flatten(), rows_shift.flatten(), width, out.view(-1, width),
+                 workspace)
+    return _fill_outside(out, _interval_mask(shift[:, None, :], width, out.dtype, workspace), fill)
+
+
+def translate_whole_columns(source, positions, pixels, fill, out, workspace=None):
+    """Write `source.images[positions]` moved by whole `pixels` along x (output(x, y) = input(x + p, y)) into `out`.
+
+    A whole-pixel shift of every row is a shift of the whole flattened image: one window per
+    image; the columns that wrapped into the neighbouring row are then filled.
+    """
+    _, channels, height, width = source.images.shape
+    image_size = channels * height * width
+    whole = pixels.clamp(-width, width).long()
+    windows = source.images.view(-1).unfold(0, image_size, 1)
+    torch.index_select(windows, 0, positions * image_size + whole, out=out.view(-1, image_size))
+    inside = _interval_mask(pixels[:, None, None], width, out.dtype, workspace or _FreshTensors(out.device))
+    return _fill_outside(out, inside, fill)
+
+
+def translate_whole_rows(source, positions, pixels, fill, out, workspace=None):
+    """Write `source.images[positions]` moved by whole `pixels` along y (output(x, y) = input(x, y + p)) into `out`.
+
+    One row copy per output row: from the source row, or from the fill slot (which holds
+    `fill`) where it is uncovered.
+    """
+    _, channels, height, width = source.images.shape
+    workspace = workspace or _FreshTensors(out.device)
+    source_row = workspace.arange(height) + pixels.long()[:, None]
+    inside = (source_row >= 0) & (source_row < height)
+    channel_row = workspace.arange(channels, step=height)[:, None]
+    row_index = (positions * (channels * height))[:, None, None] + channel_row + source_row[:, None, :]
+    fill_row = source.fill_slot * channels * height + channel_row
+    row_index = torch.where(inside[:, None, :], row_index, fill_row)
+    torch.index_select(source.images.view(-1, width), 0, row_index.flatten(), out=out.view(-1, width))
+    return out
+
+
+def shift_columns(source, positions, shift, fill, out, workspace=None):
+    """Write `source.images[positions]` with column i of image n resampled at y + shift[n, i] into `out`.
+
+    shear_y (shift = factor * (i + 0.5)) and fractional translate_y: the rows kernel on the
+    transposed images (gathered and transposed in one `index_select`), transposed back at the end.
+    """
+    _, channels, height, width = source.images.shape
+    batch = positions.shape[0]
+    device = positions.device
+    workspace = workspace or _FreshTensors(device)
+    pad = height + 1
+    columns = workspace.empty('columns', (pad + batch * channels * width * height + pad,), out.dtype)
+    columns[:pad] = 0
+    columns[-pad:] = 0
+    transposed = columns[pad:-pad].view(batch, channels, width, height)
+    torch.index_select(source.images.transpose(-1, -2), 0, positions, out=transposed)
+    column_start = workspace.arange(batch * channels * width, step=height, offset=pad)
+    resampled = workspace.empty('resampled', transposed.shape, out.dtype)
+    columns_shift = shift[:, None, :].expand(-1, channels, -1)
+    _sample_rows(columns, column_start, columns_shift.flatten(), height, resampled.view(-1, height), workspace)
+    _fill_outside(resampled, _interval_mask(shift[:, None, :], height, out.dtype, workspace), fill)
+    return out.copy_(resampled.transpose(-1, -2))
+
+
+def warp_images(source, positions, coeffs, fill, out, workspace=None):
+    """Write `source.images[positions]` resampled with the PIL matrices `coeffs` (`[N, 3, 3]`) into `out`."""
+    workspace = workspace or _FreshTensors(out.device)
+    gathered = workspace.empty('gathered', out.shape, out.dtype)
+    torch.index_select(source.images, 0, positions, out=gathered)
+    return _warp_into(gathered, coeffs.to(out.dtype), fill, out, workspace)
 
 
 def _per_image_vector(value, x, name):
     """Validate a per-image parameter against `x` and return it as a `[B]` matrix-precision tensor."""
     return per_image(value, x, name, dtype=_matrix_dtype(x.device)).reshape(-1)
+
+
+def _on_padded_copy(x, fill, kernel, argument):
+    """`kernel(source, positions, argument, fill, out)` (a shift kernel) on a padded copy of `x`; a new tensor."""
+    compute_dtype = compute_dtype_of(x.dtype)
+    fill = _fill_colour(fill, x.shape[1], x.device, compute_dtype)
+    source, positions = pad_images(x, fill)
+    out = torch.empty(x.shape, device=x.device, dtype=compute_dtype)
+    return kernel(source, positions, argument, fill, out).to(x.dtype)
+
+
+def pixel_centres(count, like):
+    """Pixel centres 0.5, 1.5, ... as a row vector in `like`'s dtype and device."""
+    return torch.arange(count, device=like.device, dtype=like.dtype).add_(0.5)
+
+
+def is_whole(pixels):
+    """True when every value of the `[B]` tensor is an integer (one host sync)."""
+    return bool((pixels == torch.floor(pixels)).all())
 
 
 def rotate(x, degrees, fill=0.):
@@ -221,22 +483,30 @@ def rotate(x, degrees, fill=0.):
 def shear_x(x, factor, fill=0.):
     """output(x, y) = input(x + factor*y, y), as PIL's AFFINE transform with data (1, factor, 0, 0, 1, 0)."""
     check_images(x)
-    return warp_affine(x, shear_x_matrix(_per_image_vector(factor, x, 'factor')), fill)
+    factor = _per_image_vector(factor, x, 'factor').expand(x.shape[0])
+    return _on_padded_copy(x, fill, shift_rows, factor[:, None] * pixel_centres(x.shape[2], factor))
 
 
 def shear_y(x, factor, fill=0.):
     """output(x, y) = input(x, y + factor*x), as PIL's AFFINE transform with data (1, 0, 0, factor, 1, 0)."""
     check_images(x)
-    return warp_affine(x, shear_y_matrix(_per_image_vector(factor, x, 'factor')), fill)
+    factor = _per_image_vector(factor, x, 'factor').expand(x.shape[0])
+    return _on_padded_copy(x, fill, shift_columns, factor[:, None] * pixel_centres(x.shape[3], factor))
 
 
 def translate_x(x, pixels, fill=0.):
     """output(x, y) = input(x + pixels, y), as PIL's AFFINE transform with data (1, 0, pixels, 0, 1, 0)."""
     check_images(x)
-    return warp_affine(x, translate_x_matrix(_per_image_vector(pixels, x, 'pixels')), fill)
+    pixels = _per_image_vector(pixels, x, 'pixels').expand(x.shape[0])
+    if is_whole(pixels):  # AugMix's translations: a copy, no interpolation
+        return _on_padded_copy(x, fill, translate_whole_columns, pixels)
+    return _on_padded_copy(x, fill, shift_rows, pixels[:, None].expand(-1, x.shape[2]))
 
 
 def translate_y(x, pixels, fill=0.):
     """output(x, y) = input(x, y + pixels), as PIL's AFFINE transform with data (1, 0, 0, 0, 1, pixels)."""
     check_images(x)
-    return warp_affine(x, translate_y_matrix(_per_image_vector(pixels, x, 'pixels')), fill)
+    pixels = _per_image_vector(pixels, x, 'pixels').expand(x.shape[0])
+    if is_whole(pixels):  # AugMix's translations: a copy, no interpolation
+        return _on_padded_copy(x, fill, translate_whole_rows, pixels)
+    return _on_padded_copy(x, fill, shift_columns, pixels[:, None].expand(-1, x.shape[3]))

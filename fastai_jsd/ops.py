@@ -30,13 +30,19 @@ def autocontrast(x):
     the exact line it truncates, so it stays below PIL's value + 1/255.
     """
     check_images(x)
+    return autocontrast_into(x, torch.empty_like(x))
+
+
+def autocontrast_into(x, out):
+    """`autocontrast(x)` written into `out`, which may be `x` itself (no checks: the AugMix apply path)."""
+    # amin and amax rather than aminmax, whose reduction over a dimension is ten times slower on CPU.
     low = x.amin(dim=(-2, -1), keepdim=True)
     high = x.amax(dim=(-2, -1), keepdim=True)
     flat = high <= low
     span = high.sub_(low).masked_fill_(flat, 1.0)
     # (v - low) / span rather than a fused v * scale - offset: the extremes land exactly on 0 and 1,
     # and the result cannot leave [0, 1].
-    return torch.sub(x, low.masked_fill_(flat, 0.0)).div_(span)
+    return torch.sub(x, low.masked_fill_(flat, 0.0), out=out).div_(span)
 
 
 def equalize(x):
@@ -47,39 +53,60 @@ def equalize(x):
     unchanged (a single value, or fewer than 255 pixels below the channel's maximum).
     """
     check_images(x)
+    out = torch.empty(x.shape, dtype=_accumulation_dtype(x), device=x.device)
+    return equalize_into(x, out).to(x.dtype)
+
+
+def equalize_into(x, out, levels=None):
+    """`equalize(x)` written into the contiguous `out` (x's dtype, or float32 for half `x`), which may be `x` itself.
+
+    `levels` is an optional int32 buffer of x's shape for the levels (no checks: the AugMix apply path).
+    """
     batch, channels, height, width = x.shape
-    scaled = torch.mul(x, 255.0, out=torch.empty(x.shape, dtype=_accumulation_dtype(x), device=x.device))
-    levels = scaled.add_(0.5).clamp_(0.0, 255.0).to(torch.int32)
+    # The scaled levels go through `out`: x is not needed once they are computed.
+    scaled = torch.mul(x, 255.0, out=out).add_(0.5).clamp_(0.0, 255.0)
+    if levels is None:
+        levels = torch.empty(x.shape, dtype=torch.int32, device=x.device)
+    levels.copy_(scaled)  # truncation: floor(255 v + 0.5), PIL's level
     # One histogram for the whole batch: channel k of the batch counts into bins [256 k, 256 k + 256).
     offsets = torch.arange(0, batch * channels * 256, 256, dtype=torch.int32, device=x.device)
     flat_index = levels.add_(offsets.view(batch, channels, 1, 1)).view(-1)
     counts = _bin_counts(flat_index, batch * channels * 256).view(batch * channels, 256)
-    lut = _pil_equalize_lut(counts, height * width).to(scaled.dtype).div_(255).view(-1)
-    # The LUT lookup overwrites the scaled-levels buffer (no longer needed) instead of a fresh tensor.
-    out = torch.index_select(lut, 0, flat_index, out=scaled.view(-1)).view(x.shape)
-    return out.to(x.dtype)
+    lut = _pil_equalize_lut(counts, height * width).to(out.dtype).div_(255).view(-1)
+    torch.index_select(lut, 0, flat_index, out=out.view(-1))
+    return out
 
 
 def _bin_counts(flat_index, bins):
     """Histogram of non-negative int32 indices into `bins` bins, without a host sync on any device."""
+    if flat_index.device.type == 'cpu':  # twice as fast as index_add_ there
+        return torch.bincount(flat_index, minlength=bins).to(torch.int32)
     # index_add_ rather than bincount: CUDA's bincount reads the largest index back to the host
-    # to size its output. On CPU the two run at the same speed.
+    # to size its output.
     counts = torch.zeros(bins, dtype=torch.int32, device=flat_index.device)
     return counts.index_add_(0, flat_index, counts.new_ones(1).expand(flat_index.numel()))
 
 
 def _pil_equalize_lut(counts, pixels):
-    """PIL's `ImageOps.equalize` lookup table (levels 0..255) for every row of per-level pixel counts `[N, 256]`."""
+    """PIL's `ImageOps.equalize` lookup table (levels 0..255) for every row of per-level pixel counts `[N, 256]`.
+
+    Integer arithmetic done exactly in float64 (every value is below 2 ** 53, and a quotient of
+    integers below 2 ** 26 never rounds onto the next integer), which vectorizes where integer
+    division does not. MPS has no float64: there the small table is computed on the CPU.
+    """
+    if counts.device.type == 'mps':
+        return _pil_equalize_lut(counts.cpu(), pixels).to(counts.device, torch.float32)
+    counts = counts.double()
     cumulative = counts.cumsum(-1)
     # step = (pixels - pixels at the channel's top level) // 255; the top level is where the
     # cumulative count first reaches its total.
     top = cumulative.argmax(-1, keepdim=True)
-    step = (pixels - counts.gather(-1, top)).div_(255, rounding_mode='floor')
+    step = (pixels - counts.gather(-1, top)).div_(255).floor_()
     # lut[i] = (step // 2 + pixels below level i) // step, which can pass 255: Image.point clips it.
-    below = torch.cat([cumulative.new_zeros(len(counts), 1), cumulative[:, :-1]], dim=1)
-    lut = below.add_(step // 2).div_(step.clamp(min=1), rounding_mode='floor').clamp_(max=255)
+    below = cumulative.sub_(counts)
+    lut = below.add_(torch.floor(step / 2)).div_(step.clamp(min=1)).floor_().clamp_(max=255)
     # PIL leaves a channel unchanged when step is 0, which includes every single-valued channel.
-    identity = torch.arange(256, dtype=lut.dtype, device=lut.device).expand_as(lut)
+    identity = torch.arange(256, dtype=lut.dtype, device=lut.device)
     return torch.where(step > 0, lut, identity)
 
 
@@ -92,7 +119,7 @@ def _posterize_step(bits, x):
         if not bool(valid.all()):
             raise ValueError(f"bits must be integers in 1..8 (PIL's ImageOps.posterize range), got "
                              f"{step[~valid].view(-1).tolist()} among the {len(step)} values.")
-        return torch.exp2(8 - step)
+        return posterize_step(step)
     if isinstance(bits, bool) or not isinstance(bits, numbers.Real):
         raise TypeError(f"bits must be an integer in 1..8 or a [B] tensor of them, got {bits!r} "
                         f"of type {type(bits).__name__}.")
@@ -102,17 +129,27 @@ def _posterize_step(bits, x):
     return per_image(2 ** (8 - int(bits)), x, 'bits', dtype=_accumulation_dtype(x))
 
 
+def posterize_step(bits):
+    """PIL's quantization step 2 ** (8 - bits) of posterize for a tensor of bit counts."""
+    return torch.exp2(8 - bits)
+
+
 def posterize(x, bits):
     """Keep the top `bits` (1..8) bits of every 8-bit level; matches `ImageOps.posterize(img, bits)`.
 
     PIL keeps `level & ~(2 ** (8 - bits) - 1)`, i.e. `floor(level / step) * step`. With
-    `level = round(255 v)` that is `floor((255 v + 0.5) / step) * step`, one fused pass.
+    `level = round(255 v)` that is `floor((255 v + 0.5) / step) * step`.
     """
     check_images(x)
     step = _posterize_step(bits, x)
-    work_dtype = _accumulation_dtype(x)
-    out = torch.addcmul(0.5 / step, x.to(work_dtype), 255.0 / step).floor_().mul_(step / 255.0)
-    return out.to(x.dtype)
+    work = x.to(_accumulation_dtype(x))
+    return posterize_into(work, step, torch.empty_like(work)).to(x.dtype)
+
+
+def posterize_into(x, step, out):
+    """`posterize` with quantization step `step` (`[B, 1, 1, 1]`) written into `out`, which may be `x` itself."""
+    # A multiply and an add rather than addcmul, which is four times slower on CPU with a per-image addend.
+    return torch.mul(x, 255.0 / step, out=out).add_(0.5 / step).floor_().mul_(step / 255.0)
 
 
 def solarize(x, threshold):
@@ -124,20 +161,30 @@ def solarize(x, threshold):
     A threshold of 256 / 255 (PIL's T = 256) inverts nothing; 0 inverts everything.
     """
     check_images(x)
-    level = per_image(threshold, x, 'threshold', dtype=_accumulation_dtype(x)).mul(255).round_()
+    threshold = solarize_pixel_threshold(per_image(threshold, x, 'threshold', dtype=_accumulation_dtype(x)), x.dtype)
+    out = torch.empty_like(x)
+    return solarize_into(x, threshold, out, out)
+
+
+def solarize_pixel_threshold(threshold, dtype):
+    """The pixel value from which solarize inverts, for thresholds on the 0..1 scale (rounded to PIL's levels)."""
     # round(255 v) >= T  <=>  v >= (T - 0.5) / 255, so no pixel needs rounding.
-    threshold = level.sub_(0.5).div_(255).to(x.dtype)
-    # |[v >= t] - v| is v below the threshold and 1 - v at or above it, in two in-place passes.
-    out = torch.ge(x, threshold, out=torch.empty_like(x))
-    return out.sub_(x).abs_()
+    return threshold.mul(255).round_().sub_(0.5).div_(255).to(dtype)
 
 
-def _blend(degenerate, x, factor):
+def solarize_into(x, threshold, out, inverted):
+    """Solarize at the pixel threshold `threshold` into `out` (may be `x`), using the buffer `inverted` (not `x`)."""
+    # |[v >= t] - v| is v below the threshold and 1 - v at or above it, in two passes after the compare.
+    torch.ge(x, threshold, out=inverted)
+    return torch.sub(inverted, x, out=out).abs_()
+
+
+def _blend(degenerate, x, factor, out=None):
     """PIL's `Image.blend(degenerate, img, factor)`: `degenerate + factor * (img - degenerate)`, clipped to [0, 1].
 
     PIL truncates the result to an integer; the float result is the value it truncates.
     """
-    return torch.lerp(degenerate, x, factor).clamp_(0.0, 1.0)
+    return torch.lerp(degenerate, x, factor, out=out).clamp_(0.0, 1.0)
 
 
 def color(x, factor):
@@ -147,12 +194,16 @@ def color(x, factor):
     PIL (and this kernel) return it unchanged.
     """
     check_images(x)
-    factor = per_image(factor, x, 'factor')
-    if x.shape[1] == 1:
-        return x.clone()
+    return color_into(x, per_image(factor, x, 'factor'), None)
+
+
+def color_into(x, factor, out):
+    """`color` with per-image `factor` (`[B, 1, 1, 1]`) into `out` (None: a new tensor), which may be `x`."""
+    if x.shape[1] == 1:  # already gray: PIL returns it unchanged
+        return x.clone() if out is None else out.copy_(x)
     red, green, blue = _LUMA_WEIGHTS
     gray = torch.mul(x[:, 0:1], red).add_(x[:, 1:2], alpha=green).add_(x[:, 2:3], alpha=blue)
-    return _blend(gray.expand_as(x), x, factor)
+    return _blend(gray.expand_as(x), x, factor, out)
 
 
 def contrast(x, factor):
@@ -162,7 +213,11 @@ def contrast(x, factor):
     (`int(mean + 0.5)`), so the mean here is rounded to a multiple of 1/255 too.
     """
     check_images(x)
-    factor = per_image(factor, x, 'factor')
+    return contrast_into(x, per_image(factor, x, 'factor'), None)
+
+
+def contrast_into(x, factor, out):
+    """`contrast` with per-image `factor` (`[B, 1, 1, 1]`) into `out` (None: a new tensor), which may be `x`."""
     channel_means = x.mean(dim=(-2, -1), dtype=_accumulation_dtype(x))
     if x.shape[1] == 3:
         weights = torch.tensor(_LUMA_WEIGHTS, dtype=channel_means.dtype, device=x.device)
@@ -170,14 +225,18 @@ def contrast(x, factor):
     else:
         mean = channel_means[:, 0]
     mean = mean.mul_(255).add_(0.5).floor_().div_(255).to(x.dtype).view(-1, 1, 1, 1)
-    return _blend(mean, x, factor)
+    return _blend(mean, x, factor, out)
 
 
 def brightness(x, factor):
     """Scale every image towards black; matches `ImageEnhance.Brightness(img).enhance(factor)` (a blend with 0)."""
     check_images(x)
-    factor = per_image(factor, x, 'factor')
-    return torch.mul(x, factor).clamp_(0.0, 1.0)
+    return brightness_into(x, per_image(factor, x, 'factor'), None)
+
+
+def brightness_into(x, factor, out):
+    """`brightness` with per-image `factor` (`[B, 1, 1, 1]`) into `out` (None: a new tensor), which may be `x`."""
+    return torch.mul(x, factor, out=out).clamp_(0.0, 1.0)
 
 
 def sharpness(x, factor):
@@ -188,12 +247,16 @@ def sharpness(x, factor):
     smaller than 3 x 3 are returned unchanged (Filter.c).
     """
     check_images(x)
-    factor = per_image(factor, x, 'factor')
+    return sharpness_into(x, per_image(factor, x, 'factor'), None)
+
+
+def sharpness_into(x, factor, out):
+    """`sharpness` with per-image `factor` (`[B, 1, 1, 1]`) into `out` (None: a new tensor), which must not be `x`."""
     height, width = x.shape[-2:]
     # Inside: x + (1 - f) * (smooth - x) = (1 - 8 a) x + a * (sum of the 8 neighbours), a = (1 - f) / 13,
     # accumulated in place on the output instead of materializing the smoothed image.
     neighbour_weight = (1.0 - factor) / 13.0
-    out = torch.mul(x, 1.0 - 8.0 * neighbour_weight)
+    out = torch.mul(x, 1.0 - 8.0 * neighbour_weight, out=out)
     inside = out[..., 1:-1, 1:-1]
     for dy in range(3):
         for dx in range(3):

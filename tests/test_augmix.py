@@ -302,12 +302,54 @@ def test_grayscale_images(crops):
 
 def test_blocks_do_not_change_the_result(monkeypatch):
     """On CPU the batch runs in memory-sized blocks; any block size gives the same images."""
-    import fastai_jsd.augmix as augmix_module
+    # fastai_jsd.augmix the attribute is the function (the package re-exports it): take the module.
+    augmix_module = sys.modules[apply_augmix.__module__]
     x = to_tensor(photo_crops(13, 20, 20, seed=6))
     params = sample_augmix(13, 20, 20, generator=torch.Generator().manual_seed(3))
     whole = apply_augmix(x, params)
     monkeypatch.setattr(augmix_module, '_CPU_BLOCK_BYTES', 3 * 3 * 20 * 20 * 4 * 2)  # 2 images per block
     torch.testing.assert_close(apply_augmix(x, params), whole, atol=0, rtol=0)
+
+
+def test_fractional_translations_in_params_are_interpolated(crops):
+    """sample_augmix draws whole pixels, but hand-made params may not: they take the interpolating kernels."""
+    for name, values in (('translate_x', [0.5, -2.25, 3.]), ('translate_y', [-0.75, 1.5, -4.])):
+        argument = torch.tensor(values, dtype=torch.float64)
+        params = AugMixParams(chain_weights=torch.ones(3, 1), blend=torch.ones(3),
+                              op_index=torch.full((3, 1, 1), OP_NAMES.index(name)), op_argument=argument.view(3, 1, 1))
+        expected = KERNELS[name](crops, argument, 0.4)
+        torch.testing.assert_close(apply_augmix(crops, params, fill=0.4), expected, atol=1e-6, rtol=0)
+
+
+def test_mixing_at_the_end_equals_mixing_each_chain_after_its_last_op(monkeypatch):
+    """CPU mixes a chain in right after its last op; other devices after all steps (the CUDA path, run on CPU)."""
+    # fastai_jsd.augmix the attribute is the function (the package re-exports it): take the module.
+    augmix_module = sys.modules[apply_augmix.__module__]
+    x = to_tensor(photo_crops(20, 18, 26, seed=13))
+    params = sample_augmix(20, 18, 26, severity=8, width=4, all_ops=True, generator=torch.Generator().manual_seed(4))
+    early = apply_augmix(x, params, 0.3)
+    monkeypatch.setattr(augmix_module, '_mixes_early', lambda device: False)
+    torch.testing.assert_close(apply_augmix(x, params, 0.3), early, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize('shape', [(5, 3, 1, 1), (5, 1, 1, 9), (5, 3, 7, 1), (5, 1, 2, 3)])
+def test_tiny_images_equal_per_image_replay(shape):
+    """Images smaller than a row window's overhang: the padding between them must still keep them apart."""
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(5))
+    params = sample_augmix(shape[0], shape[2], shape[3], severity=10, width=3, depth=4, all_ops=True,
+                           generator=torch.Generator().manual_seed(6))
+    fill = [0.7] * shape[1]
+    torch.testing.assert_close(apply_augmix(x, params, fill), replay_per_image(x, params, fill), atol=1e-5, rtol=0)
+
+
+def test_half_precision_is_augmented_in_float32():
+    x = to_tensor(photo_crops(6, 24, 24, seed=14))
+    params = sample_augmix(6, 24, 24, all_ops=True, generator=torch.Generator().manual_seed(7))
+    half = x.half()
+    out = apply_augmix(half, params, 0.5)
+    assert out.dtype == torch.float16 and torch.equal(half, x.half())
+    # The same float32 computation on the same values: only the final rounding to float16 differs.
+    assert (out.float() - apply_augmix(half.float(), params, 0.5)).abs().max() <= 2 ** -11
 
 
 # ---------------------------------------------------------------------------------------------

@@ -174,6 +174,43 @@ def test_batched_parameters_equal_per_image_calls(op):
                                rtol=0, atol=1e-6)
 
 
+SHIFT_KERNELS = {  # the one-axis kernels and their PIL matrices, which warp_affine resamples in 2-D
+    'shear_x': (shear_x, shear_x_matrix, [0.3, -0.3, 0.05, -0.07, 1.7, -2.0]),
+    'shear_y': (shear_y, shear_y_matrix, [0.3, -0.3, 0.05, -0.07, 1.7, -2.0]),
+    'translate_x': (translate_x, translate_x_matrix, [1, -1, 7, -12, 2.5, -0.25, 60, -60, 1000.5]),
+    'translate_y': (translate_y, translate_y_matrix, [1, -1, 7, -12, 2.5, -0.25, 60, -60, 1000.5]),
+}
+
+
+@pytest.mark.parametrize('op', list(SHIFT_KERNELS))
+@pytest.mark.parametrize('size', [(37, 53), (48, 37), (1, 7), (6, 1), (2, 2)])
+@pytest.mark.parametrize('grayscale', [False, True], ids=['rgb', 'gray'])
+def test_row_and_column_kernels_equal_the_general_warp(op, size, grayscale):
+    """Shears and translations copy shifted rows (or columns) instead of resampling in 2-D: same result, any size."""
+    kernel, matrix, values = SHIFT_KERNELS[op]
+    x = photos(*size, grayscale=grayscale) if min(size) > 2 else torch.rand(3, 1 if grayscale else 3, *size)
+    fill = (0.2, 0.5, 0.8)[:x.shape[1]]
+    for value in values:
+        torch.testing.assert_close(kernel(x, value, fill), warp_affine(x, matrix(value), fill), rtol=0, atol=1e-5,
+                                   msg=lambda m: f'{op}({value}) on {tuple(x.shape)}: {m}')
+    # One batch with whole and fractional values of both signs, each image its own.
+    mixed = torch.tensor(values[:3], dtype=torch.float64)
+    torch.testing.assert_close(kernel(x, mixed, fill), warp_affine(x, matrix(mixed), fill), rtol=0, atol=1e-5)
+
+
+def test_whole_pixel_translations_are_exact_copies():
+    x = photos(37, 53)
+    fill = torch.tensor([0.2, 0.5, 0.8]).view(1, 3, 1, 1)
+    shifted = translate_x(x, torch.tensor([3., -5., 0.]), fill)
+    assert torch.equal(shifted[0, :, :, :-3], x[0, :, :, 3:]) and (shifted[0, :, :, -3:] == fill[0]).all()
+    assert torch.equal(shifted[1, :, :, 5:], x[1, :, :, :-5]) and (shifted[1, :, :, :5] == fill[0]).all()
+    assert torch.equal(shifted[2], x[2])
+    shifted = translate_y(x, torch.tensor([-4., 36., 37.]), fill)
+    assert torch.equal(shifted[0, :, 4:], x[0, :, :-4]) and (shifted[0, :, :4] == fill[0]).all()
+    assert torch.equal(shifted[1, :, :1], x[1, :, 36:]) and (shifted[1, :, 1:] == fill[0]).all()
+    assert (shifted[2] == fill[0]).all()
+
+
 def test_composition_order_first_op_on_the_left():
     """shear_x then translate_y is ONE warp with shear @ translate, as PIL applying the two in turn."""
     x = photos(37, 53)
