@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 2 examples/train_distributed.py --cpu --quick   # CPU check, under a minute
     python examples/train_distributed.py --lr-find                            # one process: pick --lr
 
-The quickstart's model and data (resnet18, Fashion-MNIST sample), trained under `learn.distrib_ctx()`:
+An AugMix + JSD resnet18 on the bundled Fashion-MNIST sample, trained under `learn.distrib_ctx()`:
 fastai's DistributedTrainer (Accelerate + PyTorch DistributedDataParallel) gives every process its own
 shard of each epoch and keeps the weights in sync; rank 0 prints the table and saves. AugMixCallback
 augments each process's shard on its own device with that process's own random draws, and
@@ -67,7 +67,7 @@ def first_items(dls, n):
 
 
 def make_learner(args):
-    "The quickstart's AugMix + JSD Learner; `bs` is per process, so N processes train on N * bs clean images."
+    "The AugMix + JSD Learner; `bs` is per process, so N processes train on N * bs clean images."
     dls = fashion_dls(size=args.size, bs=args.bs, device=process_device(args.cpu))
     if args.quick: dls = first_items(dls, 4 * args.bs * max(num_distrib(), 1))  # 4 batches per process
     learn = vision_learner(dls, resnet18, pretrained=False, loss_func=JsdCrossEntropy(), cbs=AugMixCallback(),

@@ -1,0 +1,165 @@
+"""Every example runs as a user runs it: a fresh `python examples/X.py --quick` process, offline.
+
+The quick modes train for seconds, so these tests check that the scripts work end to end and write
+what they promise (tables, figures, one-line errors), not what accuracy they reach.
+"""
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from fastai_jsd.data import load_fashion_sample
+from fastai_jsd.robustness import CORRUPTIONS
+
+EXAMPLES = Path(__file__).resolve().parents[1] / 'examples'
+QUICKSTART_FIGURES = ('augmix_batch.png', 'training_curves.png', 'corruption_errors.png',
+                      'lr_find_baseline.png', 'lr_find_augmix_jsd.png')
+MODEL_NAMES = ('baseline (cross-entropy)', 'AugMix + JSD')
+
+
+def run_example(script, *args, cwd, timeout=300):
+    """Run examples/`script` with the test's interpreter in `cwd`; fastai's data folder is kept inside `cwd`."""
+    # FASTAI_HOME: no Imagenette the developer downloaded earlier can be found, and no config is written to ~.
+    # fastai's own import emits torch's FutureWarning about torch.jit.script; the scripts' messages are the subject.
+    # One torch thread unless the caller chose: the quick runs are too small to gain from two, and two threads
+    # that wait for each other stall whenever the other core is busy (quickstart --quick: 30 s -> 150 s).
+    env = {'OMP_NUM_THREADS': '1', **os.environ, 'MPLBACKEND': 'Agg', 'FASTAI_HOME': str(cwd / 'fastai_home'),
+           'PYTHONWARNINGS': 'ignore::FutureWarning'}
+    return subprocess.run([sys.executable, str(EXAMPLES / script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def check_png(path):
+    """`path` is a readable PNG of a real figure (not an empty canvas)."""
+    assert path.is_file(), f'{path} was not written'
+    with Image.open(path) as image:
+        assert image.format == 'PNG'
+        pixels = np.asarray(image.convert('L'))
+    assert min(pixels.shape) > 100 and pixels.std() > 5, f'{path} looks empty'
+
+
+def check_one_line_exit(result, *phrases):
+    """A non-zero exit with a single line on stderr, no traceback, that contains every phrase."""
+    assert result.returncode != 0, result.stdout
+    message = result.stderr.strip()
+    assert 'Traceback' not in result.stderr, result.stderr
+    assert len(message.splitlines()) == 1, message
+    for phrase in phrases:
+        assert phrase in message, message
+
+
+def write_image_folder(root, n_classes=4, n_train=16, n_valid=6):
+    """An ImageNet-style folder of real Fashion-MNIST PNGs: root/{train,valid}/<class>/<i>.png."""
+    arrays = load_fashion_sample()
+    for split, images, labels, count in (('train', arrays.train_images, arrays.train_labels, n_train),
+                                         ('valid', arrays.valid_images, arrays.valid_labels, n_valid)):
+        for label in range(n_classes):
+            folder = root / split / f'class_{label}'
+            folder.mkdir(parents=True)
+            for i, image in enumerate(images[labels == label][:count]):
+                Image.fromarray(image).save(folder / f'{i}.png')
+    return root
+
+
+def host_reachable(host, port=443, timeout=3.0):
+    """Whether `host` accepts a connection within `timeout` seconds; the thread also bounds the name lookup."""
+    connected = []
+
+    def connect():
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                connected.append(True)
+        except OSError:
+            pass
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(connected)
+
+
+@pytest.mark.slow
+def test_quickstart_quick_writes_table_csv_and_figures(tmp_path):
+    out = tmp_path / 'out'
+    result = run_example('quickstart.py', '--quick', '--out', out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    table = pd.read_csv(out / 'results.csv', index_col='model')
+    assert list(table.index) == list(MODEL_NAMES)
+    fractions = table[['clean_error', 'mean_corruption_error', 'rms_calibration_clean', 'rms_calibration_corrupted']]
+    assert ((fractions >= 0) & (fractions <= 1)).all().all()
+    assert table.loc['baseline (cross-entropy)', 'mce_vs_baseline'] == 1.0
+
+    per_condition = pd.read_csv(out / 'corruption_errors.csv')
+    assert len(per_condition) == 2 * len(CORRUPTIONS) * 5
+    assert set(per_condition.corruption) == set(CORRUPTIONS)
+    # The summary's mean corruption error is the mean of the 75 per-condition errors, model by model.
+    means = per_condition.groupby('model').error.mean()
+    for model in MODEL_NAMES:
+        assert means[model] == pytest.approx(table.loc[model, 'mean_corruption_error'])
+
+    for name in QUICKSTART_FIGURES:
+        check_png(out / name)
+    assert '| model | clean error | mean corruption error |' in result.stdout
+    for model in MODEL_NAMES:
+        row = next(line for line in result.stdout.splitlines() if line.startswith(f'| {model} |'))
+        assert f"{table.loc[model, 'clean_error']:.1%}" in row
+    figures_line = next(line for line in result.stdout.splitlines() if line.startswith('Figures: '))
+    assert str(out / 'augmix_batch.png') in figures_line
+    assert not (tmp_path / 'models').exists(), 'lr_find left files outside --out'
+
+
+def test_quickstart_rejects_unknown_arch_before_training(tmp_path):
+    result = run_example('quickstart.py', '--arch', 'no_such_net', '--out', tmp_path / 'out', cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--arch 'no_such_net'" in result.stderr and 'Traceback' not in result.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow
+def test_imagenette_trains_on_a_local_image_folder(tmp_path):
+    folder = write_image_folder(tmp_path / 'images')
+    out = tmp_path / 'out'
+    result = run_example('imagenette.py', '--path', folder, '--quick', '--out', out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '64 training and 24 validation images, 4 classes' in result.stdout
+    table = pd.read_csv(out / 'corruption_errors.csv')
+    assert len(table) == len(CORRUPTIONS) * 5
+    assert table.error.between(0, 1).all()
+    for name in ('augmix_batch.png', 'training_curves.png', 'corruption_errors.png', 'lr_find.png'):
+        check_png(out / name)
+    assert 'mean corruption error' in result.stdout
+    assert not (folder / 'models').exists(), 'lr_find wrote into the image folder'
+
+
+def test_imagenette_unreachable_download_exits_with_one_line(tmp_path):
+    # '.invalid' never resolves (RFC 2606), so this is the no-network path even on a machine that is online.
+    result = run_example('imagenette.py', '--url', 'https://fastai-jsd.invalid/imagenette2-160.tgz', '--quick',
+                         cwd=tmp_path, timeout=120)
+    check_one_line_exit(result, 'fastai-jsd.invalid', '--path')
+
+
+def test_imagenette_without_path_offline_exits_with_one_line(tmp_path):
+    if host_reachable('s3.amazonaws.com'):
+        pytest.skip('online: the literal command would download Imagenette (the .invalid test covers this path)')
+    result = run_example('imagenette.py', '--quick', cwd=tmp_path, timeout=120)
+    check_one_line_exit(result, 's3.amazonaws.com', '--path')
+
+
+def test_imagenette_path_without_train_and_valid_exits_with_one_line(tmp_path):
+    (tmp_path / 'photos' / 'cats').mkdir(parents=True)
+    result = run_example('imagenette.py', '--path', tmp_path / 'photos', '--quick', cwd=tmp_path, timeout=120)
+    check_one_line_exit(result, 'train/', 'valid/', "['cats']")
+
+
+@pytest.mark.slow
+def test_benchmark_training_quick(tmp_path):
+    result = run_example('benchmark_training.py', '--quick', cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'ratio AugMix + JSD / plain' in result.stdout
