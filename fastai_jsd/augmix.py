@@ -300,25 +300,6 @@ def check_value_range(x, name='x'):
                          f"with fastai's `Normalize.decode` or `/ 255`.")
 
 
-def fill_colour(fill, channels, device, dtype):
-    """`fill` (a number, or 1 or C values, as list, tuple or tensor) as a `[1, C, 1, 1]` tensor."""
-    if isinstance(fill, Tensor):
-        values = fill
-        if values.dtype == torch.bool or values.is_complex():
-            raise TypeError(f"fill must hold real numbers, got a tensor of dtype {values.dtype}.")
-    elif isinstance(fill, numbers.Real) and not isinstance(fill, bool):
-        values = torch.tensor([float(fill)])
-    elif isinstance(fill, (list, tuple)) and all(isinstance(v, numbers.Real) and not isinstance(v, bool)
-                                                 for v in fill):
-        values = torch.tensor([float(v) for v in fill])
-    else:
-        raise TypeError(f"fill must be a number or a sequence of {channels} numbers (a colour in [0, 1] for "
-                        f"the area rotate, shear and translate uncover), got {fill!r}.")
-    if values.numel() not in (1, channels):
-        raise ValueError(f"fill must hold 1 or C = {channels} values (one per channel), got {fill!r}.")
-    return values.reshape(1, -1, 1, 1).to(device=device, dtype=dtype).expand(1, channels, 1, 1)
-
-
 def check_params(params, batch_size):
     """Raise unless `params` is an AugMixParams for `batch_size` images with consistent shapes."""
     if not isinstance(params, AugMixParams):
@@ -501,7 +482,7 @@ def apply_augmix(x, params, fill=0.):
     batch, channels, height, width = x.shape
     check_params(params, batch)
     dtype = geometry.compute_dtype_of(x.dtype)
-    fill = fill_colour(fill, channels, x.device, dtype)
+    fill = geometry.fill_colour(fill, channels, x.device, dtype)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if out.numel() == 0:
         return out
@@ -546,7 +527,7 @@ def augmix(x, severity=3, width=3, depth=-1, alpha=1., all_ops=False, fill=0., g
     check_images(x)
     check_augmix_args(severity, width, depth, alpha, all_ops)
     _check_generator(generator)
-    fill = fill_colour(fill, x.shape[1], x.device, x.dtype)
+    fill = geometry.fill_colour(fill, x.shape[1], x.device, x.dtype)
     check_value_range(x)
     params = sample_augmix(x.shape[0], x.shape[2], x.shape[3], severity=severity, width=width, depth=depth,
                            alpha=alpha, all_ops=all_ops, generator=generator, device=x.device)

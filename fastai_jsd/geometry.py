@@ -149,7 +149,7 @@ def _check_matrix(matrix, batch):
                          f"shear_x_matrix, ... and multiply for a chain.")
 
 
-def _fill_colour(fill, channels, device, dtype):
+def fill_colour(fill, channels, device, dtype):
     """`fill` (a number, or 1 or C values) as a `[1, C, 1, 1]` tensor on `device`."""
     if isinstance(fill, Tensor):
         if fill.dtype == torch.bool or fill.is_complex():
@@ -280,7 +280,7 @@ def warp_affine(x, matrix, fill=0.):
     check_images(x)
     _check_matrix(matrix, x.shape[0])
     compute_dtype = compute_dtype_of(x.dtype)
-    fill = _fill_colour(fill, x.shape[1], x.device, compute_dtype)
+    fill = fill_colour(fill, x.shape[1], x.device, compute_dtype)
     coeffs = matrix.to(device=x.device, dtype=compute_dtype)
     image = x.to(compute_dtype)
     out = _warp_into(image, coeffs, fill, torch.empty(image.shape, device=x.device, dtype=compute_dtype))
@@ -457,7 +457,7 @@ def _per_image_vector(value, x, name):
 def _on_padded_copy(x, fill, kernel, argument):
     """`kernel(source, positions, argument, fill, out)` (a shift kernel) on a padded copy of `x`; a new tensor."""
     compute_dtype = compute_dtype_of(x.dtype)
-    fill = _fill_colour(fill, x.shape[1], x.device, compute_dtype)
+    fill = fill_colour(fill, x.shape[1], x.device, compute_dtype)
     source, positions = pad_images(x, fill)
     out = torch.empty(x.shape, device=x.device, dtype=compute_dtype)
     return kernel(source, positions, argument, fill, out).to(x.dtype)
