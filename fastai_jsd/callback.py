@@ -34,14 +34,10 @@ def find_normalize(dl):
 
 def check_image_batch(xb):
     """The single image tensor of `xb`; ValueError unless it is a float [B, C, H, W] batch, C in (1, 3)."""
-    got = _describe(xb)
-    if len(xb) != 1 or not isinstance(xb[0], torch.Tensor):
+    images = xb[0] if len(xb) == 1 and isinstance(xb[0], torch.Tensor) else None
+    if images is None or images.ndim != 4 or images.shape[1] not in (1, 3) or not images.is_floating_point():
         raise ValueError(f"AugMixCallback needs image batches (one float tensor [B, C, H, W], C = 1 or 3); "
-                         f"got {got}. Use it with an image DataLoaders (ImageBlock) or remove the callback.")
-    images = xb[0]
-    if images.ndim != 4 or images.shape[1] not in (1, 3) or not images.is_floating_point():
-        raise ValueError(f"AugMixCallback needs image batches (one float tensor [B, C, H, W], C = 1 or 3); "
-                         f"got {got}. Use it with an image DataLoaders (ImageBlock) or remove the callback.")
+                         f"got {_describe(xb)}. Use it with an image DataLoaders (ImageBlock) or remove the callback.")
     return images
 
 
@@ -399,10 +395,7 @@ class LossPartsRecorder(Callback):
     @staticmethod
     def _train_loss_index(names):
         """Where the parts go: right after the training loss column."""
-        for key in ('train_loss',):
-            if key in names:
-                return names.index(key) + 1
-        return 2
+        return names.index('train_loss') + 1 if 'train_loss' in names else 2
 
     def before_train(self):
         self.totals, self.count = None, 0
