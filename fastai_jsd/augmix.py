@@ -209,7 +209,7 @@ def _check_int(value, name, low, high=None, allowed=()):
     raise ValueError(f"{name} must be an integer {bounds}{extra}, got {value!r}.")
 
 
-def check_augmix_args(severity, width, depth, alpha, all_ops=False):
+def check_augmix_args(severity, width, depth, alpha, all_ops=False, geometric=True):
     """Raise ValueError/TypeError naming the first AugMix hyper-parameter that is out of range."""
     if isinstance(severity, bool) or not isinstance(severity, numbers.Real) or not 1 <= severity <= 10:
         raise ValueError(f"severity must be a number in 1..10 (the paper's level scale; 3 is its default), "
@@ -221,6 +221,9 @@ def check_augmix_args(severity, width, depth, alpha, all_ops=False):
                          f"got {alpha!r}.")
     if not isinstance(all_ops, bool):
         raise TypeError(f"all_ops must be True or False, got {all_ops!r}.")
+    if not isinstance(geometric, bool):
+        raise TypeError(f"geometric must be True (rotate, shear and translate included) or False (appearance "
+                        f"ops only, every pixel stays in place), got {geometric!r}.")
 
 
 def _check_generator(generator):
@@ -239,23 +242,31 @@ def _sampling_dtype(device):
     return torch.float32 if device.type == 'mps' else torch.float64
 
 
+def op_set(all_ops=False, geometric=True):
+    """Indices into OP_NAMES of the ops chains draw from: the paper's 9 (or all 13), without rotate/shear/translate
+    when `geometric=False` (views whose pixels stay where they were, for segmentation masks)."""
+    names = OP_NAMES if all_ops else OP_NAMES[:PAPER_OP_COUNT]
+    return tuple(OP_NAMES.index(name) for name in names if geometric or not OPS[name].geometric)
+
+
 def sample_augmix(batch_size, image_height, image_width, severity=3, width=3, depth=-1, alpha=1.,
-                  all_ops=False, generator=None, device=None):
+                  all_ops=False, generator=None, device=None, geometric=True):
     """Draw one AugMix configuration per image: chain weights, blend, chain depths, ops, magnitudes.
 
     Sampling runs on `generator`'s device when one is given (so a CPU generator gives the same
     draw whatever the images' device), else on `device` with torch's global RNG, which
-    fastai's `set_seed` seeds; the result is moved to `device`.
+    fastai's `set_seed` seeds; the result is moved to `device`. `geometric=False` draws from
+    the appearance ops only (no rotate, shear or translate), so every pixel stays in place.
     """
     _check_size(batch_size, 'batch_size')
     _check_size(image_height, 'image_height')
     _check_size(image_width, 'image_width')
-    check_augmix_args(severity, width, depth, alpha, all_ops)
+    check_augmix_args(severity, width, depth, alpha, all_ops, geometric)
     _check_generator(generator)
     device = torch.device('cpu') if device is None else torch.device(device)
     sample_device = generator.device if generator is not None else device
     steps = depth if depth > 0 else 3
-    op_count = len(OP_NAMES) if all_ops else PAPER_OP_COUNT
+    allowed = op_set(all_ops, geometric)
     chain_shape = (batch_size, width)
     step_shape = (batch_size, width, steps)
 
@@ -270,18 +281,21 @@ def sample_augmix(batch_size, image_height, image_width, severity=3, width=3, de
         chain_depth = torch.full(chain_shape, depth, device=sample_device)
     else:  # the paper's np.random.randint(1, 4)
         chain_depth = torch.randint(1, 4, chain_shape, generator=generator, device=sample_device)
-    op_index = torch.randint(0, op_count, step_shape, generator=generator, device=sample_device)
+    op_index = torch.randint(0, len(allowed), step_shape, generator=generator, device=sample_device)
     # the paper's sample_level(severity): uniform in [0.1, severity)
     level = torch.rand(step_shape, generator=generator, **floats).mul_(severity - 0.1).add_(0.1)
     negate = torch.rand(step_shape, generator=generator, **floats) > 0.5
 
     op_argument = torch.zeros(step_shape, **floats)
-    for index, name in enumerate(OP_NAMES[:op_count]):
-        op = OPS[name]
+    drawn = op_index
+    for slot, index in enumerate(allowed):
+        op = OPS[OP_NAMES[index]]
         argument = op.level_to_argument(level, image_height, image_width)
         if op.signed:
             argument = torch.where(negate, -argument, argument)
-        op_argument = torch.where(op_index == index, argument, op_argument)
+        op_argument = torch.where(drawn == slot, argument, op_argument)
+        if slot != index:
+            op_index = torch.where(drawn == slot, index, op_index)
     past_depth = torch.arange(steps, device=sample_device) >= chain_depth[..., None]
     op_index = op_index.masked_fill(past_depth, NO_OP)
     op_argument = op_argument.masked_fill(past_depth, 0.)
@@ -516,19 +530,21 @@ def apply_augmix(x, params, fill=0.):
     return out if mixed is out else out.copy_(mixed)
 
 
-def augmix(x, severity=3, width=3, depth=-1, alpha=1., all_ops=False, fill=0., generator=None):
+def augmix(x, severity=3, width=3, depth=-1, alpha=1., all_ops=False, fill=0., generator=None, geometric=True):
     """AugMix (Hendrycks et al. 2020) of every image of `x` (float `[B, C, H, W]` in [0, 1]), independently.
 
     Every image draws its own chain weights, blend weight, chain depths, ops and magnitudes,
     unlike torchvision's batched AugMix, which gives the whole batch one op chain. Same
     `generator` seed, same output; with `generator=None` torch's global RNG is used, which
     fastai's `set_seed` seeds. Returns a new tensor of `x`'s shape, dtype and device.
+    `geometric=False` leaves rotate, shear and translate out, so every pixel stays where it
+    was (views that still match a segmentation mask).
     """
     check_images(x)
-    check_augmix_args(severity, width, depth, alpha, all_ops)
+    check_augmix_args(severity, width, depth, alpha, all_ops, geometric)
     _check_generator(generator)
     fill = geometry.fill_colour(fill, x.shape[1], x.device, x.dtype)
     check_value_range(x)
     params = sample_augmix(x.shape[0], x.shape[2], x.shape[3], severity=severity, width=width, depth=depth,
-                           alpha=alpha, all_ops=all_ops, generator=generator, device=x.device)
+                           alpha=alpha, all_ops=all_ops, generator=generator, device=x.device, geometric=geometric)
     return apply_augmix(x, params, fill)
