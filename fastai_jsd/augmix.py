@@ -17,8 +17,9 @@ while its image is still in cache, and the batch runs in blocks of a few MB of i
 reuse one arena and one set of work buffers (glibc hands out fresh pages for every large
 allocation, and faulting them in costs more than the arithmetic).
 """
+import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
@@ -43,6 +44,9 @@ class AugMixParams:
     blend: Tensor          # [B], Beta(alpha, alpha): weight m of the mix against the clean image
     op_index: Tensor       # [B, width, steps] int64
     op_argument: Tensor    # [B, width, steps]
+    # True for sample_augmix's draws, whose values are valid by construction: apply_augmix checks the
+    # values of any other params (hand-made ones), which costs a host sync on a GPU.
+    sampled: bool = field(default=False, repr=False)
 
     @property
     def batch_size(self): return self.op_index.shape[0]
@@ -60,7 +64,8 @@ class AugMixParams:
             if device.type == 'mps' and t.dtype == torch.float64:
                 t = t.float()
             return t.to(device)
-        return AugMixParams(*(move(t) for t in (self.chain_weights, self.blend, self.op_index, self.op_argument)))
+        return AugMixParams(*(move(t) for t in (self.chain_weights, self.blend, self.op_index, self.op_argument)),
+                            sampled=self.sampled)
 
 
 # Level -> argument, as in the paper's augmentations.py: int_parameter(level, maxval) is
@@ -227,6 +232,7 @@ def check_augmix_args(severity, width, depth, alpha, all_ops=False, geometric=Tr
 
 
 def _check_generator(generator):
+    """Raise TypeError unless `generator` is a torch.Generator or None."""
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None (torch's global RNG), "
                         f"got {generator!r} of type {type(generator).__name__}.")
@@ -284,38 +290,53 @@ def sample_augmix(batch_size, image_height, image_width, severity=3, width=3, de
     op_index = torch.randint(0, len(allowed), step_shape, generator=generator, device=sample_device)
     # the paper's sample_level(severity): uniform in [0.1, severity)
     level = torch.rand(step_shape, generator=generator, **floats).mul_(severity - 0.1).add_(0.1)
-    negate = torch.rand(step_shape, generator=generator, **floats) > 0.5
+    sign_draw = torch.rand(step_shape, generator=generator, **floats)
+    kernels = _triton_kernels() if sample_device.type == 'cuda' else None
+    if kernels is not None and not isinstance(kernels, Exception):  # one launch instead of ~60 small ones
+        op_index, op_argument = kernels.sample_arguments(op_index, level, sign_draw, chain_depth, image_height,
+                                                         image_width, geometric)
+    else:
+        op_index, op_argument = _arguments(op_index, level, sign_draw > 0.5, chain_depth, allowed, image_height,
+                                           image_width)
+    return AugMixParams(chain_weights, blend, op_index, op_argument, sampled=True).to(device)
 
-    op_argument = torch.zeros(step_shape, **floats)
-    drawn = op_index
-    for slot, index in enumerate(allowed):
+
+def _arguments(slot, level, negate, chain_depth, allowed, image_height, image_width):
+    """Op index and argument of every chain step from its drawn slot in `allowed`, level, sign and chain depth."""
+    op_index = slot
+    op_argument = torch.zeros_like(level)
+    for position, index in enumerate(allowed):
         op = OPS[OP_NAMES[index]]
         argument = op.level_to_argument(level, image_height, image_width)
         if op.signed:
             argument = torch.where(negate, -argument, argument)
-        op_argument = torch.where(drawn == slot, argument, op_argument)
-        if slot != index:
-            op_index = torch.where(drawn == slot, index, op_index)
-    past_depth = torch.arange(steps, device=sample_device) >= chain_depth[..., None]
-    op_index = op_index.masked_fill(past_depth, NO_OP)
-    op_argument = op_argument.masked_fill(past_depth, 0.)
-    return AugMixParams(chain_weights, blend, op_index, op_argument).to(device)
+        op_argument = torch.where(slot == position, argument, op_argument)
+        if position != index:
+            op_index = torch.where(slot == position, index, op_index)
+    past_depth = torch.arange(slot.shape[-1], device=slot.device) >= chain_depth[..., None]
+    return op_index.masked_fill(past_depth, NO_OP), op_argument.masked_fill(past_depth, 0.)
 
 
 def check_value_range(x, name='x'):
-    """Raise ValueError unless `x` looks like pixels in [0, 1] (normalized images do not)."""
-    if x.numel() == 0:
+    """Raise ValueError unless `x` looks like pixels in [0, 1] (normalized images do not; NaN neither).
+
+    Not on CUDA: reading the range back would make the host wait for the GPU on every call.
+    """
+    if x.numel() == 0 or x.device.type == 'cuda':
         return
     low, high = torch.aminmax(x)
     low, high = low.item(), high.item()
-    if not (low >= -0.01 and high <= 1.01):  # written so that NaN fails too
+    if math.isnan(low) or math.isnan(high):
+        raise ValueError(f"{name} holds NaN pixels; AugMix needs pixel values in [0, 1]. Find where the NaN "
+                         f"come from (a division by zero in preprocessing?) or replace them with torch.nan_to_num.")
+    if not (low >= -0.01 and high <= 1.01):
         raise ValueError(f"{name} must hold pixel values in [0, 1], got values in [{low:.3g}, {high:.3g}]; "
                          f"the images look normalized (or 0..255): decode them to [0, 1] first, e.g. "
                          f"with fastai's `Normalize.decode` or `/ 255`.")
 
 
 def check_params(params, batch_size):
-    """Raise unless `params` is an AugMixParams for `batch_size` images with consistent shapes."""
+    """Raise unless `params` is an AugMixParams for `batch_size` images with consistent shapes and dtypes (no sync)."""
     if not isinstance(params, AugMixParams):
         raise TypeError(f"params must be an AugMixParams (from sample_augmix), got {type(params).__name__}.")
     shape = tuple(params.op_index.shape)
@@ -327,12 +348,98 @@ def check_params(params, batch_size):
         got = tuple(getattr(params, name).shape)
         if got != want:
             raise ValueError(f"params.{name} must have shape {want} to match op_index {shape}, got {got}.")
-    if params.op_index.is_floating_point() or params.op_index.dtype == torch.bool:
+    if params.op_index.is_floating_point() or params.op_index.dtype == torch.bool or params.op_index.is_complex():
         raise TypeError(f"params.op_index must hold integers, got dtype {params.op_index.dtype}.")
-    if params.op_index.numel() and not (
-            (params.op_index >= NO_OP) & (params.op_index < len(OP_NAMES))).all():
-        raise ValueError(f"params.op_index values must be {NO_OP} (no op) or in 0..{len(OP_NAMES) - 1} "
-                         f"(indices into OP_NAMES).")
+    for name in ('chain_weights', 'blend', 'op_argument'):
+        dtype = getattr(params, name).dtype
+        if not getattr(params, name).is_floating_point():
+            raise TypeError(f"params.{name} must be a float tensor, got dtype {dtype}.")
+    devices = {t.device for t in (params.chain_weights, params.blend, params.op_index, params.op_argument)}
+    if len(devices) > 1:
+        raise ValueError(f"params' tensors must be on one device, got {sorted(map(str, devices))}; "
+                         f"use params.to(device).")
+
+
+def _value_problems(params):
+    """What is wrong with the values of `params`, as (failed, message) pairs of device booleans and texts."""
+    op = params.op_index
+    argument = params.op_argument.double() if params.op_argument.device.type != 'mps' else params.op_argument
+    weights = params.chain_weights
+    blend = params.blend
+    active = op != NO_OP
+
+    def of(name):
+        return op == OP_NAMES.index(name)
+
+    posterize_bad = of('posterize') & ~((argument >= 1) & (argument <= 8) & (argument == torch.floor(argument)))
+    solarize_bad = of('solarize') & ~((argument >= 0) & (argument <= 256 / 255))
+    names = ', '.join(f'{index} = {name}' for index, name in enumerate(OP_NAMES))
+    return [
+        (~((op >= NO_OP) & (op < len(OP_NAMES)))).any(),
+        f"params.op_index values must be {NO_OP} (no op) or in 0..{len(OP_NAMES) - 1} ({names}).",
+        (active & ~torch.isfinite(argument)).any(),
+        "params.op_argument must be finite for every op (NaN or inf found).",
+        posterize_bad.any(),
+        "params.op_argument of posterize must be whole numbers of bits in 1..8 (PIL's ImageOps.posterize range).",
+        solarize_bad.any(),
+        "params.op_argument of solarize must be a threshold in [0, 256/255] (PIL's T / 255; 256 inverts nothing).",
+        (~torch.isfinite(weights) | (weights < 0)).any() | ((weights.sum(dim=1) - 1).abs() > 1e-3).any(),
+        "params.chain_weights must be non-negative and sum to 1 per image (Dirichlet draws), else the mix "
+        "leaves [0, 1].",
+        (~((blend >= 0) & (blend <= 1))).any(),
+        "params.blend must be in [0, 1] (the weight m of the mix against the clean image; NaN is not).",
+    ]
+
+
+def check_param_values(params):
+    """Raise ValueError naming the first invalid value in hand-made `params` (one host sync on a GPU)."""
+    problems = _value_problems(params)
+    failed = torch.stack([flag.reshape(()) for flag in problems[0::2]]).tolist()
+    for bad, message in zip(failed, problems[1::2]):
+        if bad:
+            raise ValueError(message)
+
+
+# Backends: the grouped torch kernels below (any device), or the fused Triton kernels (triton_apply.py).
+BACKENDS = ('torch', 'triton')
+_TRITON = []  # the imported triton_apply module, or the exception importing it raised
+
+
+def _triton_kernels():
+    """The triton_apply module, or the exception that importing it raised (Triton is optional)."""
+    if not _TRITON:
+        try:
+            from fastai_jsd import triton_apply
+            _TRITON.append(triton_apply)
+        except Exception as error:  # ImportError, or a broken install failing at import
+            _TRITON.append(error)
+    return _TRITON[0]
+
+
+def _triton_interprets(kernels):
+    """Whether Triton runs its interpreter (TRITON_INTERPRET=1 when Triton was imported), so CPU tensors work."""
+    return type(kernels._step_kernel).__name__ == 'InterpretedFunction'
+
+
+def resolve_backend(backend, device):
+    """The backend that runs images on `device`: 'triton' or 'torch'; ValueError for an impossible choice."""
+    if backend is None:
+        kernels = _triton_kernels() if torch.device(device).type == 'cuda' else None
+        return 'triton' if kernels is not None and not isinstance(kernels, Exception) else 'torch'
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be 'torch' (any device), 'triton' (fused CUDA kernels) or None (Triton for "
+                         f"CUDA tensors when it imports, else torch), got {backend!r}.")
+    if backend == 'triton':
+        kernels = _triton_kernels()
+        if isinstance(kernels, Exception):
+            raise ValueError(f"backend='triton' needs Triton, which did not import ({kernels!r}); install it (it "
+                             f"ships with PyTorch's Linux CUDA wheels) or use backend='torch'.")
+        if torch.device(device).type != 'cuda' and not _triton_interprets(kernels):
+            raise ValueError(f"backend='triton' runs on CUDA tensors, but the images are on {device}. Use "
+                             f"backend='torch' (or None to choose by device), or set the environment variable "
+                             f"TRITON_INTERPRET=1 before Triton is imported to run the kernels on the CPU with "
+                             f"Triton's interpreter (slow; meant for tests).")
+    return backend
 
 
 # Work is grouped by op: at each step the chains are sorted by group and every group's kernel runs
@@ -484,23 +591,50 @@ def _apply_block(x, key, argument, mix_weight, blend, step_counts, fill, arena, 
     return out
 
 
-def apply_augmix(x, params, fill=0.):
+def apply_augmix(x, params, fill=0., backend=None):
     """Apply one AugMix draw to `x` (float `[B, C, H, W]` in [0, 1]); a new tensor, `x` is untouched.
 
     mixed = (1 - m) * x + m * sum_i w_i * chain_i(x), the paper's mixing, with every image's
-    own m, w, ops and arguments from `params`. The B * width chains run as one batch, grouped
-    by op (see the module docs); on CPU in blocks of a few MB of images (see _CPU_BLOCK_BYTES),
-    never image by image. Half-precision images are augmented in float32.
+    own m, w, ops and arguments from `params`. `backend`: 'torch' (the grouped kernels of this
+    module, any device), 'triton' (fused CUDA kernels, triton_apply.py) or None ('triton' for CUDA
+    tensors when Triton imports, else 'torch'); both give the same pixels to within 1/255.
+    Half-precision images are augmented in float32. Augmentation is not differentiable: it runs
+    without autograd, and the result never requires grad. The values of params that
+    `sample_augmix` did not draw are checked first (one host sync on a GPU).
     """
     check_images(x)
+    check_params(params, x.shape[0])
+    backend = resolve_backend(backend, x.device)
+    fill = geometry.fill_colour(fill, x.shape[1], x.device, _compute_dtype(x, backend))
+    check_value_range(x)
+    if not params.sampled:
+        check_param_values(params)
+    with torch.no_grad():
+        return _apply(x, params.to(x.device), fill, backend)
+
+
+def _compute_dtype(x, backend):
+    """The pixels' dtype while augmenting: float32 for half precision (and always on the Triton path)."""
+    return torch.float32 if backend == 'triton' else geometry.compute_dtype_of(x.dtype)
+
+
+def _apply(x, params, fill, backend):
+    """`apply_augmix` after the checks, with `fill` from geometry.fill_colour in the compute dtype."""
+    if backend == 'triton':
+        return _triton_kernels().apply_augmix(x, params, fill.reshape(-1).contiguous())
+    return _apply_torch(x, params, fill)
+
+
+def _apply_torch(x, params, fill):
+    """The grouped, cache-blocked apply: B * width chains as one batch, grouped by op (module docs).
+
+    On CPU in blocks of a few MB of images (see _CPU_BLOCK_BYTES), never image by image.
+    """
     batch, channels, height, width = x.shape
-    check_params(params, batch)
-    dtype = geometry.compute_dtype_of(x.dtype)
-    fill = geometry.fill_colour(fill, channels, x.device, dtype)
+    dtype = fill.dtype
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if out.numel() == 0:
         return out
-    params = params.to(x.device)
     chains = params.width
     steps = params.steps
     blend = params.blend.to(dtype)
@@ -530,7 +664,8 @@ def apply_augmix(x, params, fill=0.):
     return out if mixed is out else out.copy_(mixed)
 
 
-def augmix(x, severity=3, width=3, depth=-1, alpha=1., all_ops=False, fill=0., generator=None, geometric=True):
+def augmix(x, severity=3, width=3, depth=-1, alpha=1., all_ops=False, fill=0., generator=None, geometric=True,
+           backend=None):
     """AugMix (Hendrycks et al. 2020) of every image of `x` (float `[B, C, H, W]` in [0, 1]), independently.
 
     Every image draws its own chain weights, blend weight, chain depths, ops and magnitudes,
@@ -538,13 +673,19 @@ def augmix(x, severity=3, width=3, depth=-1, alpha=1., all_ops=False, fill=0., g
     `generator` seed, same output; with `generator=None` torch's global RNG is used, which
     fastai's `set_seed` seeds. Returns a new tensor of `x`'s shape, dtype and device.
     `geometric=False` leaves rotate, shear and translate out, so every pixel stays where it
-    was (views that still match a segmentation mask).
+    was (views that still match a segmentation mask). `backend` as in `apply_augmix`: on CUDA
+    the default is the fused Triton kernels, which run without a single host sync (so there
+    the [0, 1] range of `x` is not checked: that would mean waiting for the GPU).
+    Augmentation is not differentiable: it runs without autograd.
     """
     check_images(x)
     check_augmix_args(severity, width, depth, alpha, all_ops, geometric)
     _check_generator(generator)
-    fill = geometry.fill_colour(fill, x.shape[1], x.device, x.dtype)
+    backend = resolve_backend(backend, x.device)
+    fill = geometry.fill_colour(fill, x.shape[1], x.device, _compute_dtype(x, backend))
     check_value_range(x)
-    params = sample_augmix(x.shape[0], x.shape[2], x.shape[3], severity=severity, width=width, depth=depth,
-                           alpha=alpha, all_ops=all_ops, generator=generator, device=x.device, geometric=geometric)
-    return apply_augmix(x, params, fill)
+    with torch.no_grad():
+        params = sample_augmix(x.shape[0], x.shape[2], x.shape[3], severity=severity, width=width, depth=depth,
+                               alpha=alpha, all_ops=all_ops, generator=generator, device=x.device,
+                               geometric=geometric)
+        return _apply(x, params, fill, backend)

@@ -19,7 +19,7 @@ from fastai.data.transforms import Normalize
 from fastai.learner import Recorder
 from fastai.torch_core import num_distrib, rank_distrib, retain_type
 
-from fastai_jsd.augmix import augmix, check_augmix_args
+from fastai_jsd.augmix import BACKENDS, augmix, check_augmix_args
 
 __all__ = ['AugMixCallback', 'LossPartsRecorder', 'split_batchnorm', 'find_normalize']
 
@@ -159,6 +159,8 @@ class AugMixCallback(Callback):
     its AugMix view (the paper's "AugMix without JSD"). `augment` replaces AugMix by any callable that
     maps a pixel batch in [0, 1] to an augmented batch of the same shape. `fill=None` fills uncovered
     areas of rotate/shear/translate with the dataset mean colour (zero after normalization, as timm).
+    `backend` picks the AugMix kernels: None = Triton's fused kernels for CUDA batches (no host sync),
+    torch's otherwise; 'torch' or 'triton' to choose (see `fastai_jsd.augmix.apply_augmix`).
     """
     # After MixUp/CutMix (order 0) so they mix first; before GradientAccumulation (6), which counts
     # `yb` rows in `after_loss`, and before MixedPrecision (10), so AugMix runs outside autocast in float32.
@@ -167,7 +169,7 @@ class AugMixCallback(Callback):
     _stateattrs = ('_rank_generator',)  # a per-fit RNG, possibly on a GPU: not part of an exported Learner
 
     def __init__(self, num_splits=3, severity=3, width=3, depth=-1, alpha=1., all_ops=False, fill=None,
-                 augment=None):
+                 augment=None, backend=None):
         if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
             raise ValueError(f"num_splits must be an int >= 1 (1 = train on the AugMix view only, "
                              f"3 = clean + 2 views as in the paper); got num_splits={num_splits!r}.")
@@ -176,6 +178,10 @@ class AugMixCallback(Callback):
                             f"augmented batch of the same shape, or None for AugMix; got {type(augment).__name__}.")
         if augment is None:
             check_augmix_args(severity=severity, width=width, depth=depth, alpha=alpha, all_ops=all_ops)
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None (Triton's fused kernels for CUDA "
+                             f"batches, else torch), got {backend!r}.")
+        self.backend = backend
         self.num_splits, self.severity, self.width, self.depth = num_splits, severity, width, depth
         self.alpha, self.all_ops, self.fill, self.augment = alpha, all_ops, fill, augment
         self.parts_recorder = LossPartsRecorder()
@@ -271,7 +277,7 @@ class AugMixCallback(Callback):
             return out
         return augmix(pixels, severity=self.severity, width=self.width, depth=self.depth, alpha=self.alpha,
                       all_ops=self.all_ops, fill=self.fill_value(pixels),
-                      generator=self.rank_generator(pixels.device))
+                      generator=self.rank_generator(pixels.device), backend=getattr(self, 'backend', None))
 
     def fill_value(self, pixels):
         """`fill`, or the dataset mean colour (so it encodes to zero) when None and the data is normalized."""

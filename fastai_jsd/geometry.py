@@ -166,6 +166,7 @@ def fill_colour(fill, channels, device, dtype):
     if count not in (1, channels):
         raise ValueError(f"fill must hold 1 or C = {channels} values (one per channel), got {fill!r}; "
                          f"for 8-bit colours divide by 255.")
+    _check_fill_values(fill)
     if isinstance(fill, Tensor):
         return fill.reshape(1, -1, 1, 1).to(device=device, dtype=dtype).expand(1, channels, 1, 1)
     # Written value by value on the device: a host-to-device copy would synchronise the GPU stream.
@@ -173,6 +174,23 @@ def fill_colour(fill, channels, device, dtype):
     for channel, value in enumerate(fill if isinstance(fill, (list, tuple)) else [fill]):
         colour[:, channel] = float(value)
     return colour.expand(1, channels, 1, 1)
+
+
+def _check_fill_values(fill):
+    """Raise ValueError unless the fill colour is finite and in [0, 1]: it becomes pixels of the output.
+
+    A tensor off the CPU is not read (that would make the host wait for the device).
+    """
+    if isinstance(fill, Tensor):
+        if fill.device.type != 'cpu' or fill.numel() == 0:
+            return
+        values = fill.detach().double().reshape(-1).tolist()
+    else:
+        values = list(fill) if isinstance(fill, (list, tuple)) else [fill]
+    if not all(0 <= float(value) <= 1 for value in values):  # written so that NaN fails too
+        shown = ', '.join(f'{float(value):.3g}' for value in values[:4])
+        raise ValueError(f"fill must be a colour with values in [0, 1] (pixel scale), got ({shown}); for 8-bit "
+                         f"colours divide by 255, and NaN or inf is no colour.")
 
 
 class Workspace:

@@ -1,0 +1,481 @@
+"""AugMix as fused Triton kernels: every chain step of the whole batch in two launches, no host sync.
+
+The torch backend (augmix.py) sorts chains by op and runs one kernel per op group, which suits a CPU
+cache and costs a GPU hundreds of launches and a host sync per call. Here every program reads its own
+chain's op and argument from the `AugMixParams` tensors and branches on them (a branch that is uniform
+across the program, so no divergence), and a step is:
+
+- `_statistics_kernel`, one program per chain and channel: the statistics the step's op needs from the
+  chain's current image (equalize's 256-level lookup table, autocontrast's low and span, contrast's
+  channel mean); programs whose op needs none return at once;
+- `_step_kernel`, one program per image and pixel block, looping over the image's chains: each output
+  pixel applies the chain's op (a point op in place of the pixel, rotate/shear/translate as a bilinear
+  gather with PIL's edge rule and the fill colour, sharpness as a 3x3 neighbourhood). The last step mixes
+  instead of storing: (1 - m) * x + sum_i m * w_i * chain_i, so the chains' final images are never written.
+
+A chain's images alternate between two buffers, by the count of its ops that changed the image so far
+(steps past its depth and geometric ops with argument 0 change nothing and are skipped, as on the torch
+path), so a gather never reads a buffer that the same step writes. The arithmetic follows the torch
+kernels operation for operation (same formulas, same order, float32 pixels, float64 where they use it),
+with floating-point contraction disabled, so the two backends give the same pixels for the same params
+up to rounding (tests: within 1/255, almost always exactly).
+
+`sample_arguments` turns the raw draws of `sample_augmix` into op indices and arguments in one launch,
+with the same float64 arithmetic as the torch sampler.
+
+Under `TRITON_INTERPRET=1` (set before Triton is imported) the same kernels run on CPU tensors; CI tests
+them that way against the torch backend.
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Op indices, as in augmix.OP_NAMES (checked there at import).
+AUTOCONTRAST = tl.constexpr(0)
+EQUALIZE = tl.constexpr(1)
+POSTERIZE = tl.constexpr(2)
+ROTATE = tl.constexpr(3)
+SOLARIZE = tl.constexpr(4)
+SHEAR_X = tl.constexpr(5)
+SHEAR_Y = tl.constexpr(6)
+TRANSLATE_X = tl.constexpr(7)
+TRANSLATE_Y = tl.constexpr(8)
+COLOR = tl.constexpr(9)
+CONTRAST = tl.constexpr(10)
+BRIGHTNESS = tl.constexpr(11)
+SHARPNESS = tl.constexpr(12)
+OP_ORDER = ('autocontrast', 'equalize', 'posterize', 'rotate', 'solarize', 'shear_x', 'shear_y', 'translate_x',
+            'translate_y', 'color', 'contrast', 'brightness', 'sharpness')
+
+# PIL's 'L' weights in its 16-bit fixed point, exact in float32 (ops._LUMA_WEIGHTS).
+LUMA_RED = tl.constexpr(19595 / 65536)
+LUMA_GREEN = tl.constexpr(38470 / 65536)
+LUMA_BLUE = tl.constexpr(7471 / 65536)
+# torch.deg2rad's factor; passed through tl.full to stay a float64 constant.
+PI_OVER_180 = tl.constexpr(0.017453292519943295)
+# Per chain and channel: 256 values (equalize's table; autocontrast and contrast use the first two).
+STATISTICS_SIZE = 256
+PIXELS_PER_PROGRAM = 1024  # pixels of one image (all channels) per program of the step kernel
+
+
+@triton.jit
+def _is_geometric(op):
+    return (op == ROTATE) | (op == SHEAR_X) | (op == SHEAR_Y) | (op == TRANSLATE_X) | (op == TRANSLATE_Y)
+
+
+@triton.jit
+def _changes_image(op, argument):
+    """Whether a chain step changes the image: not past the chain's depth, and not a geometric op by 0."""
+    return (op >= 0) & ~(_is_geometric(op) & (argument == 0))
+
+
+@triton.jit
+def _ops_done(op_ptr, argument_ptr, chain, step, steps):
+    """How many of the chain's steps before `step` changed its image: which buffer holds its current image."""
+    done = 0
+    for earlier in range(0, step):
+        op = tl.load(op_ptr + chain * steps + earlier)
+        argument = tl.load(argument_ptr + chain * steps + earlier)
+        done += _changes_image(op, argument).to(tl.int32)
+    return done
+
+
+@triton.jit
+def _load_pixels(x_ptr, buffer_ptr, from_x, x_base, buffer_base, channel, row, col, mask,
+                 x_stride_c, x_stride_h, x_stride_w, H, W):
+    """float32 pixels of one channel at (row, col) of the chain's current image: the clean image or a buffer."""
+    if from_x:
+        values = tl.load(x_ptr + x_base + channel * x_stride_c + row * x_stride_h + col * x_stride_w,
+                         mask=mask, other=0.).to(tl.float32)
+    else:
+        values = tl.load(buffer_ptr + buffer_base + (channel * H + row) * W + col, mask=mask, other=0.)
+    return values
+
+
+@triton.jit
+def _lerp(start, end, weight):
+    """torch.lerp's formula (exact at weight 0 and 1)."""
+    return tl.where(weight < 0.5, start + weight * (end - start), end - (end - start) * (1 - weight))
+
+
+@triton.jit
+def _bilinear(x_ptr, buffer_ptr, from_x, x_base, buffer_base, channel, x0, fx, y0, fy, inside, fill, mask,
+              x_stride_c, x_stride_h, x_stride_w, H, W):
+    """PIL's bilinear filter at columns x0, x0 + 1 (weight fx) and rows y0, y0 + 1 (weight fy).
+
+    Neighbours beyond the image take the edge pixel (XCLIP/YCLIP); positions outside get `fill`.
+    """
+    left = tl.minimum(tl.maximum(x0, 0), W - 1)
+    right = tl.minimum(tl.maximum(x0 + 1, 0), W - 1)
+    top = tl.minimum(tl.maximum(y0, 0), H - 1)
+    bottom = tl.minimum(tl.maximum(y0 + 1, 0), H - 1)
+    top_left = _load_pixels(x_ptr, buffer_ptr, from_x, x_base, buffer_base, channel, top, left, mask,
+                            x_stride_c, x_stride_h, x_stride_w, H, W)
+    top_right = _load_pixels(x_ptr, buffer_ptr, from_x, x_base, buffer_base, channel, top, right, mask,
+                             x_stride_c, x_stride_h, x_stride_w, H, W)
+    bottom_left = _load_pixels(x_ptr, buffer_ptr, from_x, x_base, buffer_base, channel, bottom, left, mask,
+                               x_stride_c, x_stride_h, x_stride_w, H, W)
+    bottom_right = _load_pixels(x_ptr, buffer_ptr, from_x, x_base, buffer_base, channel, bottom, right, mask,
+                                x_stride_c, x_stride_h, x_stride_w, H, W)
+    sampled = _lerp(_lerp(top_left, top_right, fx), _lerp(bottom_left, bottom_right, fx), fy)
+    sampled = tl.minimum(tl.maximum(sampled, 0.), 1.)
+    return tl.where(inside, sampled, fill)
+
+
+@triton.jit
+def _sharpen(x_ptr, buffer_ptr, from_x, x_base, buffer_base, channel, row, col, centre, neighbour_weight, mask,
+             x_stride_c, x_stride_h, x_stride_w, H, W):
+    """ImageEnhance.Sharpness: (1 - 8a) x + a * (sum of the 8 neighbours), border pixels unchanged (ops.sharpness_into)."""
+    interior = (row >= 1) & (row < H - 1) & (col >= 1) & (col < W - 1)
+    near = mask & interior
+    result = centre * (1.0 - 8.0 * neighbour_weight)
+    for dy in tl.static_range(3):
+        for dx in tl.static_range(3):
+            if dy != 1 or dx != 1:
+                neighbour = _load_pixels(x_ptr, buffer_ptr, from_x, x_base, buffer_base, channel,
+                                         row + dy - 1, col + dx - 1, near,
+                                         x_stride_c, x_stride_h, x_stride_w, H, W)
+                result = result + neighbour * neighbour_weight
+    result = tl.minimum(tl.maximum(result, 0.), 1.)
+    return tl.where(interior, result, centre)
+
+
+@triton.jit
+def _point_op(op, argument, value, gray, channel_statistics, contrast_mean):
+    """One channel of a point op (autocontrast, equalize, posterize, solarize, color, contrast, brightness)."""
+    result = value
+    if op == AUTOCONTRAST:
+        low = tl.load(channel_statistics)
+        span = tl.load(channel_statistics + 1)
+        result = (value - low) / span
+    elif op == EQUALIZE:
+        scaled = tl.minimum(tl.maximum(value * 255.0 + 0.5, 0.), 255.)
+        level = tl.minimum(tl.maximum(scaled.to(tl.int32), 0), 255)  # NaN cannot index outside the table
+        result = tl.load(channel_statistics + level)
+    elif op == POSTERIZE:
+        step = tl.exp2(8 - argument.to(tl.float32))
+        result = tl.floor(value * (255.0 / step) + 0.5 / step) * (step / 255.0)
+    elif op == SOLARIZE:
+        # ops.solarize_pixel_threshold: a threshold on PIL's 256 levels
+        threshold = (tl.floor(argument.to(tl.float32) * 255 + 0.5) - 0.5) / 255
+        result = tl.abs((value >= threshold).to(tl.float32) - value)
+    elif op == COLOR:
+        result = tl.minimum(tl.maximum(_lerp(gray, value, argument.to(tl.float32)), 0.), 1.)
+    elif op == CONTRAST:
+        result = tl.minimum(tl.maximum(_lerp(contrast_mean, value, argument.to(tl.float32)), 0.), 1.)
+    elif op == BRIGHTNESS:
+        result = tl.minimum(tl.maximum(value * argument.to(tl.float32), 0.), 1.)
+    return result
+
+
+@triton.jit
+def _shift_position(shift, index, length):
+    """Whole and fractional part of index + shift along one axis, and whether PIL samples the image there.
+
+    As geometry._sample_rows and _interval_mask: in float64, inside when ceil(-0.5 - shift) <= index < that + length.
+    """
+    whole = tl.floor(shift)
+    fraction = (shift - whole).to(tl.float32)
+    first = tl.ceil(-0.5 - shift)
+    inside = (index >= first) & (index < first + length)
+    whole = tl.minimum(tl.maximum(whole, -2.0 * length - 2), 2.0 * length + 2)  # NaN-free and int32-safe
+    return index + whole.to(tl.int32), fraction, inside
+
+
+@triton.jit
+def _chain_step(op, argument, x_ptr, buffer_ptr, from_x, x_base, buffer_base, statistics_ptr, fill_ptr,
+                row, col, mask, x_stride_c, x_stride_h, x_stride_w, H, W, C: tl.constexpr):
+    """The chain step's output at the block's pixels, one float32 tensor per channel (unused ones are zero)."""
+    red = _load_pixels(x_ptr, buffer_ptr, from_x, x_base, buffer_base, 0, row, col, mask,
+                       x_stride_c, x_stride_h, x_stride_w, H, W)
+    green = tl.zeros_like(red)
+    blue = tl.zeros_like(red)
+    if C == 3:
+        green = _load_pixels(x_ptr, buffer_ptr, from_x, x_base, buffer_base, 1, row, col, mask,
+                             x_stride_c, x_stride_h, x_stride_w, H, W)
+        blue = _load_pixels(x_ptr, buffer_ptr, from_x, x_base, buffer_base, 2, row, col, mask,
+                            x_stride_c, x_stride_h, x_stride_w, H, W)
+    out_red = red
+    out_green = green
+    out_blue = blue
+    if _is_geometric(op):
+        x0 = col
+        y0 = row
+        fx = tl.zeros_like(red)
+        fy = tl.zeros_like(red)
+        inside = mask
+        if op == ROTATE:
+            # geometry.rotation_matrix in float64, applied in float32 as geometry._warp_into does
+            degrees = argument.to(tl.float64)
+            angle = -((degrees - tl.floor(degrees / 360.0) * 360.0) * tl.full([], PI_OVER_180, tl.float64))
+            decimals = tl.full([], 1e15, tl.float64)
+            cos = tl.floor(tl.cos(angle) * decimals + 0.5) / decimals
+            sin = tl.floor(tl.sin(angle) * decimals + 0.5) / decimals
+            centre_x = W / 2.0
+            centre_y = H / 2.0
+            a = cos.to(tl.float32)
+            b = sin.to(tl.float32)
+            c = (centre_x - cos * centre_x - sin * centre_y).to(tl.float32)
+            d = (-sin).to(tl.float32)
+            f = (centre_y + sin * centre_x - cos * centre_y).to(tl.float32)
+            column_centre = col.to(tl.float32) + 0.5
+            row_centre = row.to(tl.float32) + 0.5
+            source_x = a * column_centre + (c + b * row_centre)
+            source_y = d * column_centre + (f + a * row_centre)
+            inside = (source_x >= 0) & (source_x < W) & (source_y >= 0) & (source_y < H)
+            u = tl.where(inside, source_x - 0.5, 0.)  # grid positions; outside ones are filled anyway
+            v = tl.where(inside, source_y - 0.5, 0.)
+            x0 = tl.floor(u).to(tl.int32)
+            y0 = tl.floor(v).to(tl.int32)
+            fx = u - tl.floor(u)
+            fy = v - tl.floor(v)
+        elif (op == SHEAR_X) | (op == TRANSLATE_X):
+            shift = argument.to(tl.float64) + tl.zeros_like(red).to(tl.float64)
+            if op == SHEAR_X:  # shift = factor * (row + 0.5)
+                shift = argument.to(tl.float64) * (row.to(tl.float64) + 0.5)
+            x0, fx, inside = _shift_position(shift, col, W)
+        else:
+            shift = argument.to(tl.float64) + tl.zeros_like(red).to(tl.float64)
+            if op == SHEAR_Y:  # shift = factor * (col + 0.5)
+                shift = argument.to(tl.float64) * (col.to(tl.float64) + 0.5)
+            y0, fy, inside = _shift_position(shift, row, H)
+        out_red = _bilinear(x_ptr, buffer_ptr, from_x, x_base, buffer_base, 0, x0, fx, y0, fy, inside,
+                            tl.load(fill_ptr), mask, x_stride_c, x_stride_h, x_stride_w, H, W)
+        if C == 3:
+            out_green = _bilinear(x_ptr, buffer_ptr, from_x, x_base, buffer_base, 1, x0, fx, y0, fy, inside,
+                                  tl.load(fill_ptr + 1), mask, x_stride_c, x_stride_h, x_stride_w, H, W)
+            out_blue = _bilinear(x_ptr, buffer_ptr, from_x, x_base, buffer_base, 2, x0, fx, y0, fy, inside,
+                                 tl.load(fill_ptr + 2), mask, x_stride_c, x_stride_h, x_stride_w, H, W)
+    elif op == SHARPNESS:
+        neighbour_weight = (1.0 - argument.to(tl.float32)) / 13.0
+        out_red = _sharpen(x_ptr, buffer_ptr, from_x, x_base, buffer_base, 0, row, col, red, neighbour_weight, mask,
+                           x_stride_c, x_stride_h, x_stride_w, H, W)
+        if C == 3:
+            out_green = _sharpen(x_ptr, buffer_ptr, from_x, x_base, buffer_base, 1, row, col, green,
+                                 neighbour_weight, mask, x_stride_c, x_stride_h, x_stride_w, H, W)
+            out_blue = _sharpen(x_ptr, buffer_ptr, from_x, x_base, buffer_base, 2, row, col, blue,
+                                neighbour_weight, mask, x_stride_c, x_stride_h, x_stride_w, H, W)
+    elif (op == COLOR) & (C == 1):
+        out_red = red  # a gray image is its own grayscale: PIL returns it unchanged
+    else:
+        gray = red
+        contrast_mean = tl.zeros([], tl.float32)
+        if C == 3:
+            gray = red * LUMA_RED + green * LUMA_GREEN + blue * LUMA_BLUE
+        if op == CONTRAST:
+            # ops.contrast_into: the mean luma of the channel means, rounded to a level
+            contrast_mean = tl.load(statistics_ptr)
+            if C == 3:
+                contrast_mean = (tl.load(statistics_ptr) * LUMA_RED
+                                 + tl.load(statistics_ptr + STATISTICS_SIZE) * LUMA_GREEN
+                                 + tl.load(statistics_ptr + 2 * STATISTICS_SIZE) * LUMA_BLUE)
+            contrast_mean = tl.floor(contrast_mean * 255 + 0.5) / 255
+        out_red = _point_op(op, argument, red, gray, statistics_ptr, contrast_mean)
+        if C == 3:
+            out_green = _point_op(op, argument, green, gray, statistics_ptr + STATISTICS_SIZE, contrast_mean)
+            out_blue = _point_op(op, argument, blue, gray, statistics_ptr + 2 * STATISTICS_SIZE, contrast_mean)
+    return out_red, out_green, out_blue
+
+
+@triton.jit
+def _statistics_kernel(op_ptr, argument_ptr, x_ptr, buffer_ptr, statistics_ptr, step, steps, width, chains,
+                       x_stride_b, x_stride_c, x_stride_h, x_stride_w, H, W,
+                       C: tl.constexpr, BLOCK: tl.constexpr):
+    """Per chain and channel, what this step's op needs from the chain's current image."""
+    chain = tl.program_id(0)
+    channel = tl.program_id(1)
+    op = tl.load(op_ptr + chain * steps + step)
+    if (op == AUTOCONTRAST) | (op == EQUALIZE) | (op == CONTRAST):
+        done = _ops_done(op_ptr, argument_ptr, chain, step, steps)
+        plane = C * H * W
+        x_base = (chain // width).to(tl.int64) * x_stride_b
+        buffer_base = ((done + 1) % 2).to(tl.int64) * chains * plane + chain.to(tl.int64) * plane
+        pixels = H * W
+        counts = tl.zeros([256], tl.int32)
+        low = tl.full([BLOCK], float('inf'), tl.float32)
+        high = tl.full([BLOCK], float('-inf'), tl.float32)
+        total = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, pixels, BLOCK):
+            offsets = start + tl.arange(0, BLOCK)
+            mask = offsets < pixels
+            row = offsets // W
+            col = offsets % W
+            value = _load_pixels(x_ptr, buffer_ptr, done == 0, x_base, buffer_base, channel, row, col, mask,
+                                 x_stride_c, x_stride_h, x_stride_w, H, W)
+            if op == EQUALIZE:
+                # ops.equalize_into: PIL's level floor(255 v + 0.5), clamped so NaN cannot leave the table
+                scaled = tl.minimum(tl.maximum(value * 255.0 + 0.5, 0.), 255.)
+                level = tl.minimum(tl.maximum(scaled.to(tl.int32), 0), 255)
+                counts += tl.histogram(level, 256, mask=mask)
+            elif op == AUTOCONTRAST:
+                low = tl.minimum(low, tl.where(mask, value, float('inf')))
+                high = tl.maximum(high, tl.where(mask, value, float('-inf')))
+            else:
+                total += tl.where(mask, value, 0.)
+        out = statistics_ptr + (chain * C + channel).to(tl.int64) * STATISTICS_SIZE
+        if op == EQUALIZE:
+            # ops._pil_equalize_lut: PIL's ImageOps.equalize table, in exact integer arithmetic
+            levels = tl.arange(0, 256)
+            below = tl.cumsum(counts, 0) - counts
+            top = tl.max(tl.where(counts > 0, levels, 0))
+            at_top = tl.sum(tl.where(levels == top, counts, 0))
+            step_size = (pixels - at_top) // 255
+            table = tl.minimum((step_size // 2 + below) // tl.maximum(step_size, 1), 255)
+            table = tl.where(step_size > 0, table, levels)
+            tl.store(out + levels, table.to(tl.float32) / 255)
+        elif op == AUTOCONTRAST:
+            # ops.autocontrast_into: a flat channel keeps its values (low 0, span 1)
+            lowest = tl.min(low)
+            highest = tl.max(high)
+            flat = highest <= lowest
+            tl.store(out, tl.where(flat, 0., lowest))
+            tl.store(out + 1, tl.where(flat, 1., highest - lowest))
+        else:
+            tl.store(out, tl.sum(total) / pixels)
+
+
+@triton.jit
+def _step_kernel(op_ptr, argument_ptr, weight_ptr, blend_ptr, x_ptr, buffer_ptr, statistics_ptr, fill_ptr, out_ptr,
+                 step, steps, width, chains, x_stride_b, x_stride_c, x_stride_h, x_stride_w,
+                 out_stride_b, out_stride_c, out_stride_h, out_stride_w, H, W,
+                 C: tl.constexpr, LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """One chain step for every chain of one image at a block of pixels; the last step mixes into `out`."""
+    image = tl.program_id(0)
+    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < H * W
+    row = offsets // W
+    col = offsets % W
+    plane = C * H * W
+    x_base = image.to(tl.int64) * x_stride_b
+    mixed_red = tl.zeros([BLOCK], tl.float32)
+    mixed_green = tl.zeros([BLOCK], tl.float32)
+    mixed_blue = tl.zeros([BLOCK], tl.float32)
+    if LAST:
+        # the torch path's mix (augmix._apply_block): x (1 - m), then + m w_i chain_i, chain after chain
+        blend = tl.load(blend_ptr + image).to(tl.float32)
+        mixed_red = _load_pixels(x_ptr, x_ptr, True, x_base, 0, 0, row, col, mask,
+                                 x_stride_c, x_stride_h, x_stride_w, H, W) * (1 - blend)
+        if C == 3:
+            mixed_green = _load_pixels(x_ptr, x_ptr, True, x_base, 0, 1, row, col, mask,
+                                       x_stride_c, x_stride_h, x_stride_w, H, W) * (1 - blend)
+            mixed_blue = _load_pixels(x_ptr, x_ptr, True, x_base, 0, 2, row, col, mask,
+                                      x_stride_c, x_stride_h, x_stride_w, H, W) * (1 - blend)
+    for link in range(0, width):
+        chain = image * width + link
+        op = tl.load(op_ptr + chain * steps + step)
+        argument = tl.load(argument_ptr + chain * steps + step)
+        done = _ops_done(op_ptr, argument_ptr, chain, step, steps)
+        source_base = ((done + 1) % 2).to(tl.int64) * chains * plane + chain.to(tl.int64) * plane
+        statistics = statistics_ptr + chain.to(tl.int64) * C * STATISTICS_SIZE
+        if _changes_image(op, argument):
+            red, green, blue = _chain_step(op, argument, x_ptr, buffer_ptr, done == 0, x_base, source_base,
+                                           statistics, fill_ptr, row, col, mask,
+                                           x_stride_c, x_stride_h, x_stride_w, H, W, C)
+            if not LAST:
+                target = buffer_ptr + (done % 2).to(tl.int64) * chains * plane + chain.to(tl.int64) * plane
+                tl.store(target + offsets, red, mask=mask)
+                if C == 3:
+                    tl.store(target + H * W + offsets, green, mask=mask)
+                    tl.store(target + 2 * H * W + offsets, blue, mask=mask)
+        else:  # the chain's image is where its last op left it (the clean image if none changed it)
+            red = _load_pixels(x_ptr, buffer_ptr, done == 0, x_base, source_base, 0, row, col, mask,
+                               x_stride_c, x_stride_h, x_stride_w, H, W)
+            green = red
+            blue = red
+            if C == 3:
+                green = _load_pixels(x_ptr, buffer_ptr, done == 0, x_base, source_base, 1, row, col, mask,
+                                     x_stride_c, x_stride_h, x_stride_w, H, W)
+                blue = _load_pixels(x_ptr, buffer_ptr, done == 0, x_base, source_base, 2, row, col, mask,
+                                    x_stride_c, x_stride_h, x_stride_w, H, W)
+        if LAST:
+            weight = tl.load(weight_ptr + chain).to(tl.float32) * blend
+            mixed_red = mixed_red + red * weight
+            if C == 3:
+                mixed_green = mixed_green + green * weight
+                mixed_blue = mixed_blue + blue * weight
+    if LAST:
+        out = out_ptr + image.to(tl.int64) * out_stride_b + row * out_stride_h + col * out_stride_w
+        tl.store(out, mixed_red.to(out_ptr.dtype.element_ty), mask=mask)
+        if C == 3:
+            tl.store(out + out_stride_c, mixed_green.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out + 2 * out_stride_c, mixed_blue.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _pixel_block(pixels):
+    """Pixels per program: a power of two, at most PIXELS_PER_PROGRAM, no more than the image needs."""
+    return min(PIXELS_PER_PROGRAM, triton.next_power_of_2(pixels))
+
+
+def apply_augmix(x, params, fill):
+    """AugMix of `x` (float `[B, C, H, W]`) with `params` and the `[C]` float32 fill colour, in 2 launches per step.
+
+    Inputs are checked by `augmix.apply_augmix`; `params` must be on x's device.
+    """
+    batch, channels, height, width = x.shape
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if out.numel() == 0:
+        return out
+    chains = batch * params.width
+    steps = params.steps
+    op_index = params.op_index.contiguous()
+    op_argument = params.op_argument.contiguous()
+    buffers = torch.empty((2 if steps > 1 else 0, chains, channels, height, width), device=x.device,
+                          dtype=torch.float32)
+    statistics = torch.empty((chains, channels, STATISTICS_SIZE), device=x.device, dtype=torch.float32)
+    block = _pixel_block(height * width)
+    for step in range(steps):
+        _statistics_kernel[(chains, channels)](
+            op_index, op_argument, x, buffers, statistics, step, steps, params.width, chains,
+            *x.stride(), height, width, C=channels, BLOCK=block, enable_fp_fusion=False)
+        _step_kernel[(batch, triton.cdiv(height * width, block))](
+            op_index, op_argument, params.chain_weights.contiguous(), params.blend.contiguous(), x, buffers,
+            statistics, fill, out, step, steps, params.width, chains, *x.stride(), *out.stride(), height, width,
+            C=channels, LAST=step == steps - 1, BLOCK=block, enable_fp_fusion=False)
+    return out
+
+
+@triton.jit
+def _arguments_kernel(slot_ptr, level_ptr, sign_draw_ptr, depth_ptr, op_ptr, argument_ptr, count, steps,
+                      height, width, GEOMETRIC: tl.constexpr, BLOCK: tl.constexpr):
+    """Op index and argument of every chain step from its drawn op slot, level, sign draw and chain depth."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < count
+    slot = tl.load(slot_ptr + offsets, mask=mask, other=0)
+    level = tl.load(level_ptr + offsets, mask=mask, other=1.)
+    negate = tl.load(sign_draw_ptr + offsets, mask=mask, other=0.) > 0.5
+    depth = tl.load(depth_ptr + offsets // steps, mask=mask, other=0)
+    op = slot
+    if not GEOMETRIC:  # slots 0..7 of augmix.op_set(geometric=False): ops 0, 1, 2, 4, 9, 10, 11, 12
+        op = slot + (slot >= 3).to(slot.dtype) + 4 * (slot >= 4).to(slot.dtype)
+    # augmix's level_to_argument functions, operation for operation in float64; 0.3, 1.8, 0.1 as
+    # correctly rounded quotients, which are the float64 values of those literals.
+    ten = tl.full([], 10, tl.float64)
+    argument = tl.zeros_like(level)
+    argument = tl.where(op == POSTERIZE, 4 - tl.floor(level * 4 / ten), argument)
+    argument = tl.where(op == ROTATE, tl.floor(level * 30 / ten), argument)
+    argument = tl.where(op == SOLARIZE, (256 - tl.floor(level * 256 / ten)) / 255, argument)
+    shear = level * (tl.full([], 3, tl.float64) / ten) / ten
+    argument = tl.where((op == SHEAR_X) | (op == SHEAR_Y), shear, argument)
+    third_width = width.to(tl.float64) / 3
+    third_height = height.to(tl.float64) / 3
+    argument = tl.where(op == TRANSLATE_X, tl.floor(level * third_width / ten), argument)
+    argument = tl.where(op == TRANSLATE_Y, tl.floor(level * third_height / ten), argument)
+    enhance = level * (tl.full([], 18, tl.float64) / ten) / ten + tl.full([], 1, tl.float64) / ten
+    argument = tl.where(op >= COLOR, enhance, argument)
+    argument = tl.where(_is_geometric(op) & negate, -argument, argument)
+    past_depth = offsets % steps >= depth
+    tl.store(op_ptr + offsets, tl.where(past_depth, -1, op), mask=mask)
+    tl.store(argument_ptr + offsets, tl.where(past_depth, 0., argument), mask=mask)
+
+
+def sample_arguments(slot, level, sign_draw, chain_depth, image_height, image_width, geometric):
+    """`(op_index, op_argument)` of `sample_augmix` from its raw draws, in one launch (no host sync)."""
+    op_index = torch.empty_like(slot)
+    op_argument = torch.empty_like(level)
+    count = slot.numel()
+    if count:
+        block = 1024
+        _arguments_kernel[(triton.cdiv(count, block),)](
+            slot, level, sign_draw, chain_depth, op_index, op_argument, count, slot.shape[-1],
+            image_height, image_width, GEOMETRIC=geometric, BLOCK=block, enable_fp_fusion=False)
+    return op_index, op_argument
