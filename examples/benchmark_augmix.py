@@ -1,7 +1,7 @@
 """How fast is fastai_jsd's batched AugMix? Images per second against timm and torchvision.
 
     python examples/benchmark_augmix.py                  # CPU: 32 px (batch 256), 224 px (batch 64)
-    python examples/benchmark_augmix.py --device cuda    # also fastai_jsd and torchvision on the GPU
+    python examples/benchmark_augmix.py --device cuda    # GPU: 32 px (batch 4096), 224 px (batch 256, 1024)
 
 Everything runs on one CPU thread (`torch.set_num_threads(1)`): a DataLoader worker gets one
 core, so per-core throughput is the fair comparison with timm's per-image AugMix, which is
@@ -12,10 +12,16 @@ timm its PIL images, torchvision its uint8 batch, fastai_jsd its float batch in 
 figure times only the augmentation (for fastai_jsd the whole public `augmix` call: input
 checks, sampling and application). Each figure is the median of `--repeats` timed runs after
 one warm-up run; the runs of the three methods are interleaved, so load changes hit all alike.
+
+On a GPU (`--device cuda`) the comparison is on the device: torchvision's `v2.AugMix` on a uint8
+batch, fastai_jsd's `augmix` with each backend ('triton': fused kernels; 'torch': the grouped torch
+kernels), and a plain copy of the float batch as the unit of memory traffic; each with the kernel
+launches (torch.profiler) and host syncs (torch.cuda.set_sync_debug_mode) of one call.
 """
 import argparse
 import statistics
 import time
+import warnings
 
 import torch
 from PIL import Image
@@ -76,7 +82,7 @@ def runners(images, timm_count, device):
     generator = torch.Generator(device=float_batch.device).manual_seed(0)
     return (lambda: [timm_transform(im) for im in pil_images],
             lambda: torchvision_transform(uint8_batch),
-            lambda: augmix(float_batch, generator=generator))
+            lambda: augmix(float_batch, generator=generator, backend='torch'))
 
 
 def benchmark(settings, repeats):
@@ -86,9 +92,8 @@ def benchmark(settings, repeats):
         images = random_images(batch_size, size)
         # timm's time is per image, so a subset of a large batch suffices at 224 px
         timm_count = min(batch_size, 64 if size > 64 else 256)
-        synchronize = torch.cuda.synchronize if torch.device(device).type == 'cuda' else None
         timm_seconds, torchvision_seconds, ours_seconds = median_seconds(
-            runners(images, timm_count, device), repeats, synchronize)
+            runners(images, timm_count, device), repeats)
         timm_rate = timm_count / timm_seconds
         rows.append(('timm AugMixAugment (per image, PIL)', size, 1, 'cpu', timm_rate, 1e3 / timm_rate, 1.))
         for name, seconds in (('torchvision v2.AugMix (uint8 batch, one chain)', torchvision_seconds),
@@ -107,6 +112,70 @@ def markdown_table(rows):
     return '\n'.join(lines)
 
 
+# --- On a GPU: both backends against torchvision and a plain copy, with launches and host syncs ---------------------
+
+def gpu_launches(function):
+    """Kernels, copies and memsets one call of `function` puts on the GPU (torch.profiler), after a warm-up call."""
+    from torch.profiler import ProfilerActivity, profile
+    function()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        function()
+        torch.cuda.synchronize()
+    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def host_syncs(function):
+    """Times one call of `function` makes the host wait for the GPU (torch's sync debug mode), after a warm-up call."""
+    function()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            function()
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+    return sum('synchroniz' in str(warning.message) for warning in caught)
+
+
+def gpu_runners(images, device):
+    """(name, callable) pairs on one batch on the GPU: torchvision, fastai_jsd's two backends, a copy."""
+    uint8_batch = images.to(device)
+    float_batch = uint8_batch.float().div_(255)
+    torchvision_transform = v2.AugMix(severity=3, mixture_width=3, chain_depth=-1, alpha=1., all_ops=False)
+    return [('torchvision v2.AugMix (uint8 batch, one chain for the batch)', lambda: torchvision_transform(uint8_batch)),
+            ("fastai_jsd augmix, backend='triton' (every image its own chains)",
+             lambda: augmix(float_batch, backend='triton')),
+            ("fastai_jsd augmix, backend='torch'", lambda: augmix(float_batch, backend='torch')),
+            ('a copy of the float batch (clone)', lambda: float_batch.clone())]
+
+
+def gpu_benchmark(settings, repeats):
+    """Rows (name, size, batch, images/s, ms, x copy, launches, syncs, x torchvision) per (size, batch)."""
+    rows = []
+    for size, batch_size, device in settings:
+        named = gpu_runners(random_images(batch_size, size), device)
+        seconds = median_seconds([run for _, run in named], repeats, torch.cuda.synchronize)
+        copy_seconds = seconds[-1]
+        torchvision_rate = batch_size / seconds[0]
+        for (name, run), elapsed in zip(named, seconds):
+            rows.append((name, size, batch_size, batch_size / elapsed, elapsed * 1e3, elapsed / copy_seconds,
+                         gpu_launches(run), host_syncs(run), batch_size / elapsed / torchvision_rate))
+    return rows
+
+
+def gpu_markdown_table(rows):
+    """The GPU rows as a markdown table."""
+    lines = ['| method | size | batch | images/s | ms/call | x batch copy | launches/call | host syncs/call '
+             '| x torchvision |',
+             '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+    for name, size, batch, rate, ms, copies, launches, syncs, ratio in rows:
+        lines.append(f'| {name} | {size} | {batch} | {rate:,.0f} | {ms:.2f} | {copies:.1f} | {launches} | {syncs} '
+                     f'| {ratio:.2f} |')
+    return '\n'.join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', default='cpu', help="where fastai_jsd and torchvision run: cpu or cuda")
@@ -118,12 +187,14 @@ def main(argv=None):
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU; none is available")
     torch.set_num_threads(1)
-    if args.quick:
-        settings, repeats = [(16, 8, args.device)], 1
-    elif args.device.startswith('cuda'):
-        settings, repeats = [(32, 256, args.device), (224, 256, args.device)], args.repeats
-    else:
-        settings, repeats = [(32, 256, 'cpu'), (224, 64, 'cpu')], args.repeats
+    if args.device.startswith('cuda'):
+        settings = [(16, 8, args.device)] if args.quick else [
+            (32, 4096, args.device), (224, 256, args.device), (224, 1024, args.device)]
+        repeats = 1 if args.quick else args.repeats
+        print(f'torch {torch.__version__}, {torch.cuda.get_device_name(args.device)}, median of {repeats} runs\n')
+        print(gpu_markdown_table(gpu_benchmark(settings, repeats)))
+        return
+    settings, repeats = ([(16, 8, 'cpu')], 1) if args.quick else ([(32, 256, 'cpu'), (224, 64, 'cpu')], args.repeats)
     print(f'torch {torch.__version__}, one CPU thread, median of {repeats} runs\n')
     print(markdown_table(benchmark(settings, repeats)))
 

@@ -54,8 +54,12 @@ LUMA_BLUE = tl.constexpr(7471 / 65536)
 # torch.deg2rad's factor; passed through tl.full to stay a float64 constant.
 PI_OVER_180 = tl.constexpr(0.017453292519943295)
 # Per chain and channel: 256 values (equalize's table; autocontrast and contrast use the first two).
-STATISTICS_SIZE = 256
-PIXELS_PER_PROGRAM = 1024  # pixels of one image (all channels) per program of the step kernel
+STATISTICS_SIZE = tl.constexpr(256)
+# Launch shapes, chosen by registers and spills in ptxas's report for sm_90 (the step kernel holds every op's
+# code: 256 pixels over 4 warps keep it at about 80 registers without spills); the statistics kernel scans a
+# whole image per program, so it takes wider blocks.
+STEP_PIXELS, STEP_WARPS = 256, 4
+STATISTICS_PIXELS, STATISTICS_WARPS = 2048, 8
 
 
 @triton.jit
@@ -81,15 +85,25 @@ def _ops_done(op_ptr, argument_ptr, chain, step, steps):
 
 
 @triton.jit
-def _load_pixels(x_ptr, buffer_ptr, from_x, x_base, buffer_base, channel, row, col, mask,
-                 x_stride_c, x_stride_h, x_stride_w, H, W):
-    """float32 pixels of one channel at (row, col) of the chain's current image: the clean image or a buffer."""
-    if from_x:
-        values = tl.load(x_ptr + x_base + channel * x_stride_c + row * x_stride_h + col * x_stride_w,
-                         mask=mask, other=0.).to(tl.float32)
-    else:
-        values = tl.load(buffer_ptr + buffer_base + (channel * H + row) * W + col, mask=mask, other=0.)
-    return values
+def _current_image(x_ptr, buffer_ptr, done, image, chain, chains, x_stride_b, x_stride_c, x_stride_h, x_stride_w,
+                   H, W, C: tl.constexpr):
+    """Pointer and (channel, row, column) strides of the chain's current image.
+
+    The clean image until an op changed it, then the buffer its last op wrote: one load path for both,
+    which keeps the kernels' registers few (x is float32 here, see `apply_augmix`).
+    """
+    plane = C * H * W
+    written = buffer_ptr + ((done + 1) % 2).to(tl.int64) * chains * plane + chain.to(tl.int64) * plane
+    clean = x_ptr + image.to(tl.int64) * x_stride_b
+    from_x = done == 0
+    return (tl.where(from_x, clean, written), tl.where(from_x, x_stride_c, H * W),
+            tl.where(from_x, x_stride_h, W), tl.where(from_x, x_stride_w, 1))
+
+
+@triton.jit
+def _load_pixels(source, stride_c, stride_h, stride_w, channel, row, col, mask):
+    """float32 pixels of one channel of the image at `source` at (row, col)."""
+    return tl.load(source + channel * stride_c + row * stride_h + col * stride_w, mask=mask, other=0.)
 
 
 @triton.jit
@@ -99,8 +113,7 @@ def _lerp(start, end, weight):
 
 
 @triton.jit
-def _bilinear(x_ptr, buffer_ptr, from_x, x_base, buffer_base, channel, x0, fx, y0, fy, inside, fill, mask,
-              x_stride_c, x_stride_h, x_stride_w, H, W):
+def _bilinear(source, stride_c, stride_h, stride_w, channel, x0, fx, y0, fy, inside, fill, mask, H, W):
     """PIL's bilinear filter at columns x0, x0 + 1 (weight fx) and rows y0, y0 + 1 (weight fy).
 
     Neighbours beyond the image take the edge pixel (XCLIP/YCLIP); positions outside get `fill`.
@@ -109,22 +122,17 @@ def _bilinear(x_ptr, buffer_ptr, from_x, x_base, buffer_base, channel, x0, fx, y
     right = tl.minimum(tl.maximum(x0 + 1, 0), W - 1)
     top = tl.minimum(tl.maximum(y0, 0), H - 1)
     bottom = tl.minimum(tl.maximum(y0 + 1, 0), H - 1)
-    top_left = _load_pixels(x_ptr, buffer_ptr, from_x, x_base, buffer_base, channel, top, left, mask,
-                            x_stride_c, x_stride_h, x_stride_w, H, W)
-    top_right = _load_pixels(x_ptr, buffer_ptr, from_x, x_base, buffer_base, channel, top, right, mask,
-                             x_stride_c, x_stride_h, x_stride_w, H, W)
-    bottom_left = _load_pixels(x_ptr, buffer_ptr, from_x, x_base, buffer_base, channel, bottom, left, mask,
-                               x_stride_c, x_stride_h, x_stride_w, H, W)
-    bottom_right = _load_pixels(x_ptr, buffer_ptr, from_x, x_base, buffer_base, channel, bottom, right, mask,
-                                x_stride_c, x_stride_h, x_stride_w, H, W)
+    top_left = _load_pixels(source, stride_c, stride_h, stride_w, channel, top, left, mask)
+    top_right = _load_pixels(source, stride_c, stride_h, stride_w, channel, top, right, mask)
+    bottom_left = _load_pixels(source, stride_c, stride_h, stride_w, channel, bottom, left, mask)
+    bottom_right = _load_pixels(source, stride_c, stride_h, stride_w, channel, bottom, right, mask)
     sampled = _lerp(_lerp(top_left, top_right, fx), _lerp(bottom_left, bottom_right, fx), fy)
     sampled = tl.minimum(tl.maximum(sampled, 0.), 1.)
     return tl.where(inside, sampled, fill)
 
 
 @triton.jit
-def _sharpen(x_ptr, buffer_ptr, from_x, x_base, buffer_base, channel, row, col, centre, neighbour_weight, mask,
-             x_stride_c, x_stride_h, x_stride_w, H, W):
+def _sharpen(source, stride_c, stride_h, stride_w, channel, row, col, centre, neighbour_weight, mask, H, W):
     """ImageEnhance.Sharpness: (1 - 8a) x + a * (sum of the 8 neighbours), border pixels unchanged (ops.sharpness_into)."""
     interior = (row >= 1) & (row < H - 1) & (col >= 1) & (col < W - 1)
     near = mask & interior
@@ -132,9 +140,7 @@ def _sharpen(x_ptr, buffer_ptr, from_x, x_base, buffer_base, channel, row, col, 
     for dy in tl.static_range(3):
         for dx in tl.static_range(3):
             if dy != 1 or dx != 1:
-                neighbour = _load_pixels(x_ptr, buffer_ptr, from_x, x_base, buffer_base, channel,
-                                         row + dy - 1, col + dx - 1, near,
-                                         x_stride_c, x_stride_h, x_stride_w, H, W)
+                neighbour = _load_pixels(source, stride_c, stride_h, stride_w, channel, row + dy - 1, col + dx - 1, near)
                 result = result + neighbour * neighbour_weight
     result = tl.minimum(tl.maximum(result, 0.), 1.)
     return tl.where(interior, result, centre)
@@ -183,98 +189,86 @@ def _shift_position(shift, index, length):
 
 
 @triton.jit
-def _chain_step(op, argument, x_ptr, buffer_ptr, from_x, x_base, buffer_base, statistics_ptr, fill_ptr,
-                row, col, mask, x_stride_c, x_stride_h, x_stride_w, H, W, C: tl.constexpr):
-    """The chain step's output at the block's pixels, one float32 tensor per channel (unused ones are zero)."""
-    red = _load_pixels(x_ptr, buffer_ptr, from_x, x_base, buffer_base, 0, row, col, mask,
-                       x_stride_c, x_stride_h, x_stride_w, H, W)
-    green = tl.zeros_like(red)
-    blue = tl.zeros_like(red)
-    if C == 3:
-        green = _load_pixels(x_ptr, buffer_ptr, from_x, x_base, buffer_base, 1, row, col, mask,
-                             x_stride_c, x_stride_h, x_stride_w, H, W)
-        blue = _load_pixels(x_ptr, buffer_ptr, from_x, x_base, buffer_base, 2, row, col, mask,
-                            x_stride_c, x_stride_h, x_stride_w, H, W)
-    out_red = red
-    out_green = green
-    out_blue = blue
+def _source_position(op, argument, row, col, mask, H, W):
+    """Where the op reads output pixel (row, col): columns x0, x0 + 1 (weight fx), rows y0, y0 + 1 (weight fy).
+
+    Also whether PIL samples the image there (else the fill colour). Identity for non-geometric ops.
+    """
+    x0 = col
+    y0 = row
+    fx = tl.zeros(col.shape, tl.float32)
+    fy = tl.zeros(col.shape, tl.float32)
+    inside = mask
+    if op == ROTATE:
+        # geometry.rotation_matrix in float64, applied in float32 as geometry._warp_into does
+        degrees = argument.to(tl.float64)
+        angle = -((degrees - tl.floor(degrees / 360.0) * 360.0) * tl.full([], PI_OVER_180, tl.float64))
+        decimals = tl.full([], 1e15, tl.float64)
+        cos = tl.floor(tl.cos(angle) * decimals + 0.5) / decimals
+        sin = tl.floor(tl.sin(angle) * decimals + 0.5) / decimals
+        centre_x = W / 2.0
+        centre_y = H / 2.0
+        a = cos.to(tl.float32)
+        b = sin.to(tl.float32)
+        c = (centre_x - cos * centre_x - sin * centre_y).to(tl.float32)
+        d = (-sin).to(tl.float32)
+        f = (centre_y + sin * centre_x - cos * centre_y).to(tl.float32)
+        column_centre = col.to(tl.float32) + 0.5
+        row_centre = row.to(tl.float32) + 0.5
+        source_x = a * column_centre + (c + b * row_centre)
+        source_y = d * column_centre + (f + a * row_centre)
+        inside = mask & (source_x >= 0) & (source_x < W) & (source_y >= 0) & (source_y < H)
+        u = tl.where(inside, source_x - 0.5, 0.)  # grid positions; outside ones are filled anyway
+        v = tl.where(inside, source_y - 0.5, 0.)
+        x0 = tl.floor(u).to(tl.int32)
+        y0 = tl.floor(v).to(tl.int32)
+        fx = u - tl.floor(u)
+        fy = v - tl.floor(v)
+    elif (op == SHEAR_X) | (op == TRANSLATE_X):
+        shift = argument.to(tl.float64) + tl.zeros(col.shape, tl.float64)
+        if op == SHEAR_X:  # shift = factor * (row + 0.5)
+            shift = argument.to(tl.float64) * (row.to(tl.float64) + 0.5)
+        x0, fx, inside = _shift_position(shift, col, W)
+        inside = inside & mask
+    elif (op == SHEAR_Y) | (op == TRANSLATE_Y):
+        shift = argument.to(tl.float64) + tl.zeros(col.shape, tl.float64)
+        if op == SHEAR_Y:  # shift = factor * (col + 0.5)
+            shift = argument.to(tl.float64) * (col.to(tl.float64) + 0.5)
+        y0, fy, inside = _shift_position(shift, row, H)
+        inside = inside & mask
+    return x0, fx, y0, fy, inside
+
+
+@triton.jit
+def _channel_step(op, argument, channel, source, stride_c, stride_h, stride_w, statistics_ptr, fill_ptr,
+                  row, col, mask, x0, fx, y0, fy, inside, H, W, C: tl.constexpr):
+    """One channel of the chain step's output at the block's pixels (one channel at a time keeps registers few)."""
     if _is_geometric(op):
-        x0 = col
-        y0 = row
-        fx = tl.zeros_like(red)
-        fy = tl.zeros_like(red)
-        inside = mask
-        if op == ROTATE:
-            # geometry.rotation_matrix in float64, applied in float32 as geometry._warp_into does
-            degrees = argument.to(tl.float64)
-            angle = -((degrees - tl.floor(degrees / 360.0) * 360.0) * tl.full([], PI_OVER_180, tl.float64))
-            decimals = tl.full([], 1e15, tl.float64)
-            cos = tl.floor(tl.cos(angle) * decimals + 0.5) / decimals
-            sin = tl.floor(tl.sin(angle) * decimals + 0.5) / decimals
-            centre_x = W / 2.0
-            centre_y = H / 2.0
-            a = cos.to(tl.float32)
-            b = sin.to(tl.float32)
-            c = (centre_x - cos * centre_x - sin * centre_y).to(tl.float32)
-            d = (-sin).to(tl.float32)
-            f = (centre_y + sin * centre_x - cos * centre_y).to(tl.float32)
-            column_centre = col.to(tl.float32) + 0.5
-            row_centre = row.to(tl.float32) + 0.5
-            source_x = a * column_centre + (c + b * row_centre)
-            source_y = d * column_centre + (f + a * row_centre)
-            inside = (source_x >= 0) & (source_x < W) & (source_y >= 0) & (source_y < H)
-            u = tl.where(inside, source_x - 0.5, 0.)  # grid positions; outside ones are filled anyway
-            v = tl.where(inside, source_y - 0.5, 0.)
-            x0 = tl.floor(u).to(tl.int32)
-            y0 = tl.floor(v).to(tl.int32)
-            fx = u - tl.floor(u)
-            fy = v - tl.floor(v)
-        elif (op == SHEAR_X) | (op == TRANSLATE_X):
-            shift = argument.to(tl.float64) + tl.zeros_like(red).to(tl.float64)
-            if op == SHEAR_X:  # shift = factor * (row + 0.5)
-                shift = argument.to(tl.float64) * (row.to(tl.float64) + 0.5)
-            x0, fx, inside = _shift_position(shift, col, W)
-        else:
-            shift = argument.to(tl.float64) + tl.zeros_like(red).to(tl.float64)
-            if op == SHEAR_Y:  # shift = factor * (col + 0.5)
-                shift = argument.to(tl.float64) * (col.to(tl.float64) + 0.5)
-            y0, fy, inside = _shift_position(shift, row, H)
-        out_red = _bilinear(x_ptr, buffer_ptr, from_x, x_base, buffer_base, 0, x0, fx, y0, fy, inside,
-                            tl.load(fill_ptr), mask, x_stride_c, x_stride_h, x_stride_w, H, W)
-        if C == 3:
-            out_green = _bilinear(x_ptr, buffer_ptr, from_x, x_base, buffer_base, 1, x0, fx, y0, fy, inside,
-                                  tl.load(fill_ptr + 1), mask, x_stride_c, x_stride_h, x_stride_w, H, W)
-            out_blue = _bilinear(x_ptr, buffer_ptr, from_x, x_base, buffer_base, 2, x0, fx, y0, fy, inside,
-                                 tl.load(fill_ptr + 2), mask, x_stride_c, x_stride_h, x_stride_w, H, W)
-    elif op == SHARPNESS:
-        neighbour_weight = (1.0 - argument.to(tl.float32)) / 13.0
-        out_red = _sharpen(x_ptr, buffer_ptr, from_x, x_base, buffer_base, 0, row, col, red, neighbour_weight, mask,
-                           x_stride_c, x_stride_h, x_stride_w, H, W)
-        if C == 3:
-            out_green = _sharpen(x_ptr, buffer_ptr, from_x, x_base, buffer_base, 1, row, col, green,
-                                 neighbour_weight, mask, x_stride_c, x_stride_h, x_stride_w, H, W)
-            out_blue = _sharpen(x_ptr, buffer_ptr, from_x, x_base, buffer_base, 2, row, col, blue,
-                                neighbour_weight, mask, x_stride_c, x_stride_h, x_stride_w, H, W)
-    elif (op == COLOR) & (C == 1):
-        out_red = red  # a gray image is its own grayscale: PIL returns it unchanged
+        value = _bilinear(source, stride_c, stride_h, stride_w, channel, x0, fx, y0, fy, inside,
+                          tl.load(fill_ptr + channel), mask, H, W)
     else:
-        gray = red
-        contrast_mean = tl.zeros([], tl.float32)
-        if C == 3:
-            gray = red * LUMA_RED + green * LUMA_GREEN + blue * LUMA_BLUE
-        if op == CONTRAST:
-            # ops.contrast_into: the mean luma of the channel means, rounded to a level
-            contrast_mean = tl.load(statistics_ptr)
-            if C == 3:
-                contrast_mean = (tl.load(statistics_ptr) * LUMA_RED
-                                 + tl.load(statistics_ptr + STATISTICS_SIZE) * LUMA_GREEN
-                                 + tl.load(statistics_ptr + 2 * STATISTICS_SIZE) * LUMA_BLUE)
-            contrast_mean = tl.floor(contrast_mean * 255 + 0.5) / 255
-        out_red = _point_op(op, argument, red, gray, statistics_ptr, contrast_mean)
-        if C == 3:
-            out_green = _point_op(op, argument, green, gray, statistics_ptr + STATISTICS_SIZE, contrast_mean)
-            out_blue = _point_op(op, argument, blue, gray, statistics_ptr + 2 * STATISTICS_SIZE, contrast_mean)
-    return out_red, out_green, out_blue
+        value = _load_pixels(source, stride_c, stride_h, stride_w, channel, row, col, mask)
+        if op == SHARPNESS:
+            neighbour_weight = (1.0 - argument.to(tl.float32)) / 13.0
+            value = _sharpen(source, stride_c, stride_h, stride_w, channel, row, col, value, neighbour_weight, mask, H, W)
+        else:
+            gray = value  # a gray image is its own grayscale: color leaves it unchanged (a lerp of equal ends)
+            if op == COLOR:
+                if C == 3:
+                    gray = (_load_pixels(source, stride_c, stride_h, stride_w, 0, row, col, mask) * LUMA_RED
+                            + _load_pixels(source, stride_c, stride_h, stride_w, 1, row, col, mask) * LUMA_GREEN
+                            + _load_pixels(source, stride_c, stride_h, stride_w, 2, row, col, mask) * LUMA_BLUE)
+            contrast_mean = tl.zeros([], tl.float32)
+            if op == CONTRAST:
+                # ops.contrast_into: the mean luma of the channel means, rounded to a level
+                contrast_mean = tl.load(statistics_ptr)
+                if C == 3:
+                    contrast_mean = (tl.load(statistics_ptr) * LUMA_RED
+                                     + tl.load(statistics_ptr + STATISTICS_SIZE) * LUMA_GREEN
+                                     + tl.load(statistics_ptr + 2 * STATISTICS_SIZE) * LUMA_BLUE)
+                contrast_mean = tl.floor(contrast_mean * 255 + 0.5) / 255
+            value = _point_op(op, argument, value, gray, statistics_ptr + channel * STATISTICS_SIZE, contrast_mean)
+    return value
 
 
 @triton.jit
@@ -287,9 +281,8 @@ def _statistics_kernel(op_ptr, argument_ptr, x_ptr, buffer_ptr, statistics_ptr, 
     op = tl.load(op_ptr + chain * steps + step)
     if (op == AUTOCONTRAST) | (op == EQUALIZE) | (op == CONTRAST):
         done = _ops_done(op_ptr, argument_ptr, chain, step, steps)
-        plane = C * H * W
-        x_base = (chain // width).to(tl.int64) * x_stride_b
-        buffer_base = ((done + 1) % 2).to(tl.int64) * chains * plane + chain.to(tl.int64) * plane
+        source, stride_c, stride_h, stride_w = _current_image(x_ptr, buffer_ptr, done, chain // width, chain, chains,
+                                                              x_stride_b, x_stride_c, x_stride_h, x_stride_w, H, W, C)
         pixels = H * W
         counts = tl.zeros([256], tl.int32)
         low = tl.full([BLOCK], float('inf'), tl.float32)
@@ -298,10 +291,7 @@ def _statistics_kernel(op_ptr, argument_ptr, x_ptr, buffer_ptr, statistics_ptr, 
         for start in range(0, pixels, BLOCK):
             offsets = start + tl.arange(0, BLOCK)
             mask = offsets < pixels
-            row = offsets // W
-            col = offsets % W
-            value = _load_pixels(x_ptr, buffer_ptr, done == 0, x_base, buffer_base, channel, row, col, mask,
-                                 x_stride_c, x_stride_h, x_stride_w, H, W)
+            value = _load_pixels(source, stride_c, stride_h, stride_w, channel, offsets // W, offsets % W, mask)
             if op == EQUALIZE:
                 # ops.equalize_into: PIL's level floor(255 v + 0.5), clamped so NaN cannot leave the table
                 scaled = tl.minimum(tl.maximum(value * 255.0 + 0.5, 0.), 255.)
@@ -346,53 +336,48 @@ def _step_kernel(op_ptr, argument_ptr, weight_ptr, blend_ptr, x_ptr, buffer_ptr,
     row = offsets // W
     col = offsets % W
     plane = C * H * W
-    x_base = image.to(tl.int64) * x_stride_b
     mixed_red = tl.zeros([BLOCK], tl.float32)
     mixed_green = tl.zeros([BLOCK], tl.float32)
     mixed_blue = tl.zeros([BLOCK], tl.float32)
+    blend = tl.zeros([], tl.float32)
     if LAST:
         # the torch path's mix (augmix._apply_block): x (1 - m), then + m w_i chain_i, chain after chain
         blend = tl.load(blend_ptr + image).to(tl.float32)
-        mixed_red = _load_pixels(x_ptr, x_ptr, True, x_base, 0, 0, row, col, mask,
-                                 x_stride_c, x_stride_h, x_stride_w, H, W) * (1 - blend)
+        clean = x_ptr + image.to(tl.int64) * x_stride_b
+        mixed_red = _load_pixels(clean, x_stride_c, x_stride_h, x_stride_w, 0, row, col, mask) * (1 - blend)
         if C == 3:
-            mixed_green = _load_pixels(x_ptr, x_ptr, True, x_base, 0, 1, row, col, mask,
-                                       x_stride_c, x_stride_h, x_stride_w, H, W) * (1 - blend)
-            mixed_blue = _load_pixels(x_ptr, x_ptr, True, x_base, 0, 2, row, col, mask,
-                                      x_stride_c, x_stride_h, x_stride_w, H, W) * (1 - blend)
+            mixed_green = _load_pixels(clean, x_stride_c, x_stride_h, x_stride_w, 1, row, col, mask) * (1 - blend)
+            mixed_blue = _load_pixels(clean, x_stride_c, x_stride_h, x_stride_w, 2, row, col, mask) * (1 - blend)
     for link in range(0, width):
         chain = image * width + link
         op = tl.load(op_ptr + chain * steps + step)
         argument = tl.load(argument_ptr + chain * steps + step)
         done = _ops_done(op_ptr, argument_ptr, chain, step, steps)
-        source_base = ((done + 1) % 2).to(tl.int64) * chains * plane + chain.to(tl.int64) * plane
+        source, stride_c, stride_h, stride_w = _current_image(x_ptr, buffer_ptr, done, image, chain, chains,
+                                                              x_stride_b, x_stride_c, x_stride_h, x_stride_w, H, W, C)
         statistics = statistics_ptr + chain.to(tl.int64) * C * STATISTICS_SIZE
-        if _changes_image(op, argument):
-            red, green, blue = _chain_step(op, argument, x_ptr, buffer_ptr, done == 0, x_base, source_base,
-                                           statistics, fill_ptr, row, col, mask,
-                                           x_stride_c, x_stride_h, x_stride_w, H, W, C)
-            if not LAST:
-                target = buffer_ptr + (done % 2).to(tl.int64) * chains * plane + chain.to(tl.int64) * plane
-                tl.store(target + offsets, red, mask=mask)
-                if C == 3:
-                    tl.store(target + H * W + offsets, green, mask=mask)
-                    tl.store(target + 2 * H * W + offsets, blue, mask=mask)
-        else:  # the chain's image is where its last op left it (the clean image if none changed it)
-            red = _load_pixels(x_ptr, buffer_ptr, done == 0, x_base, source_base, 0, row, col, mask,
-                               x_stride_c, x_stride_h, x_stride_w, H, W)
-            green = red
-            blue = red
-            if C == 3:
-                green = _load_pixels(x_ptr, buffer_ptr, done == 0, x_base, source_base, 1, row, col, mask,
-                                     x_stride_c, x_stride_h, x_stride_w, H, W)
-                blue = _load_pixels(x_ptr, buffer_ptr, done == 0, x_base, source_base, 2, row, col, mask,
-                                    x_stride_c, x_stride_h, x_stride_w, H, W)
-        if LAST:
-            weight = tl.load(weight_ptr + chain).to(tl.float32) * blend
-            mixed_red = mixed_red + red * weight
-            if C == 3:
-                mixed_green = mixed_green + green * weight
-                mixed_blue = mixed_blue + blue * weight
+        changes = _changes_image(op, argument)
+        x0, fx, y0, fy, inside = _source_position(op, argument, row, col, mask, H, W)
+        for channel in tl.static_range(C):
+            if LAST:
+                if changes:
+                    value = _channel_step(op, argument, channel, source, stride_c, stride_h, stride_w, statistics,
+                                          fill_ptr, row, col, mask, x0, fx, y0, fy, inside, H, W, C)
+                else:  # the chain's image is where its last op left it
+                    value = _load_pixels(source, stride_c, stride_h, stride_w, channel, row, col, mask)
+                weighted = value * (tl.load(weight_ptr + chain).to(tl.float32) * blend)
+                if channel == 0:
+                    mixed_red = mixed_red + weighted
+                elif channel == 1:
+                    mixed_green = mixed_green + weighted
+                else:
+                    mixed_blue = mixed_blue + weighted
+            elif changes:
+                value = _channel_step(op, argument, channel, source, stride_c, stride_h, stride_w, statistics,
+                                      fill_ptr, row, col, mask, x0, fx, y0, fy, inside, H, W, C)
+                target = (buffer_ptr + (done % 2).to(tl.int64) * chains * plane + chain.to(tl.int64) * plane
+                          + channel * H * W)
+                tl.store(target + offsets, value, mask=mask)
     if LAST:
         out = out_ptr + image.to(tl.int64) * out_stride_b + row * out_stride_h + col * out_stride_w
         tl.store(out, mixed_red.to(out_ptr.dtype.element_ty), mask=mask)
@@ -401,9 +386,9 @@ def _step_kernel(op_ptr, argument_ptr, weight_ptr, blend_ptr, x_ptr, buffer_ptr,
             tl.store(out + 2 * out_stride_c, mixed_blue.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _pixel_block(pixels):
-    """Pixels per program: a power of two, at most PIXELS_PER_PROGRAM, no more than the image needs."""
-    return min(PIXELS_PER_PROGRAM, triton.next_power_of_2(pixels))
+def _pixel_block(pixels, most):
+    """Pixels per program: a power of two, at most `most`, no more than the image needs."""
+    return min(most, triton.next_power_of_2(pixels))
 
 
 def apply_augmix(x, params, fill):
@@ -419,18 +404,24 @@ def apply_augmix(x, params, fill):
     steps = params.steps
     op_index = params.op_index.contiguous()
     op_argument = params.op_argument.contiguous()
-    buffers = torch.empty((2 if steps > 1 else 0, chains, channels, height, width), device=x.device,
-                          dtype=torch.float32)
-    statistics = torch.empty((chains, channels, STATISTICS_SIZE), device=x.device, dtype=torch.float32)
-    block = _pixel_block(height * width)
+    # Two images per chain (ping-pong); a one-step draw writes none, but a kernel argument must point somewhere.
+    buffer_shape = (2, chains, channels, height, width) if steps > 1 else (1,)
+    buffers = torch.empty(buffer_shape, device=x.device, dtype=torch.float32)
+    statistics = torch.empty((chains, channels, STATISTICS_SIZE.value), device=x.device, dtype=torch.float32)
+    step_block = _pixel_block(height * width, STEP_PIXELS)
+    statistics_block = _pixel_block(height * width, STATISTICS_PIXELS)
+    # The kernels read the clean image and the buffers through one float32 load path (fewer registers);
+    # other dtypes pay one conversion.
+    x = x if x.dtype == torch.float32 else x.float()
     for step in range(steps):
         _statistics_kernel[(chains, channels)](
             op_index, op_argument, x, buffers, statistics, step, steps, params.width, chains,
-            *x.stride(), height, width, C=channels, BLOCK=block, enable_fp_fusion=False)
-        _step_kernel[(batch, triton.cdiv(height * width, block))](
+            *x.stride(), height, width, C=channels, BLOCK=statistics_block, num_warps=STATISTICS_WARPS,
+            enable_fp_fusion=False)
+        _step_kernel[(batch, triton.cdiv(height * width, step_block))](
             op_index, op_argument, params.chain_weights.contiguous(), params.blend.contiguous(), x, buffers,
             statistics, fill, out, step, steps, params.width, chains, *x.stride(), *out.stride(), height, width,
-            C=channels, LAST=step == steps - 1, BLOCK=block, enable_fp_fusion=False)
+            C=channels, LAST=step == steps - 1, BLOCK=step_block, num_warps=STEP_WARPS, enable_fp_fusion=False)
     return out
 
 
@@ -474,7 +465,7 @@ def sample_arguments(slot, level, sign_draw, chain_depth, image_height, image_wi
     op_argument = torch.empty_like(level)
     count = slot.numel()
     if count:
-        block = 1024
+        block = 256
         _arguments_kernel[(triton.cdiv(count, block),)](
             slot, level, sign_draw, chain_depth, op_index, op_argument, count, slot.shape[-1],
             image_height, image_width, GEOMETRIC=geometric, BLOCK=block, enable_fp_fusion=False)

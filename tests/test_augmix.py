@@ -498,6 +498,76 @@ def test_bad_params_raise():
         sample_augmix(-1, 8, 8)
 
 
+def one_op_params(name, argument, batch=2, **overrides):
+    """Hand-made params: every image gets the single op `name` with `argument`."""
+    fields = dict(chain_weights=torch.ones(batch, 1), blend=torch.full((batch,), 0.5),
+                  op_index=torch.full((batch, 1, 1), OP_NAMES.index(name)),
+                  op_argument=torch.full((batch, 1, 1), float(argument), dtype=torch.float64))
+    fields.update(overrides)
+    return AugMixParams(**fields)
+
+
+@pytest.mark.parametrize('params, words', [
+    (one_op_params('posterize', 0), 'posterize'),
+    (one_op_params('posterize', 2.5), 'posterize'),
+    (one_op_params('solarize', 1.5), 'solarize'),
+    (one_op_params('rotate', float('nan')), 'finite'),
+    (one_op_params('translate_x', float('nan')), 'finite'),
+    (one_op_params('shear_y', float('inf')), 'finite'),
+    (one_op_params('color', float('nan')), 'finite'),
+    (one_op_params('brightness', 1., chain_weights=torch.full((2, 1), 5.)), 'chain_weights'),
+    (one_op_params('brightness', 1., chain_weights=torch.tensor([[0.5], [float('nan')]])), 'chain_weights'),
+    (one_op_params('brightness', 1., blend=torch.tensor([0.5, float('nan')])), 'blend'),
+    (one_op_params('brightness', 1., blend=torch.tensor([0.5, 1.5])), 'blend'),
+    (one_op_params('brightness', 1., op_argument=torch.ones(2, 1, 1, dtype=torch.int64)), 'float'),
+])
+def test_hand_made_param_values_are_checked(params, words):
+    """Values sample_augmix never draws would give black, all-fill, NaN or out-of-range images."""
+    with pytest.raises((ValueError, TypeError), match=words):
+        apply_augmix(torch.rand(2, 3, 8, 8), params)
+
+
+def test_valid_hand_made_params_pass_the_checks():
+    out = apply_augmix(torch.rand(2, 3, 8, 8), one_op_params('posterize', 1))
+    assert out.shape == (2, 3, 8, 8)
+
+
+def test_sampled_params_skip_the_value_checks(monkeypatch):
+    """The checks cost a host sync on a GPU: params drawn by sample_augmix are valid by construction."""
+    augmix_module = sys.modules[apply_augmix.__module__]
+    def refuse(params):
+        raise AssertionError('sampled params were checked')
+    monkeypatch.setattr(augmix_module, 'check_param_values', refuse)
+    x = torch.rand(3, 3, 8, 8)
+    augmix(x)
+    apply_augmix(x, sample_augmix(3, 8, 8).to('cpu'))
+    with pytest.raises(AssertionError):
+        apply_augmix(x, one_op_params('rotate', 3., batch=3))
+
+
+@pytest.mark.parametrize('fill', [5.0, -0.5, float('nan'), float('inf'), (0.1, 2.0, 0.3), torch.tensor([1.5])])
+def test_fill_must_be_a_colour_in_the_unit_range(fill):
+    with pytest.raises(ValueError, match='fill'):
+        augmix(torch.rand(2, 3, 8, 8), fill=fill)
+    with pytest.raises(ValueError, match='fill'):
+        ops.rotate(torch.rand(2, 3, 8, 8), 30., fill=fill)
+
+
+def test_nan_pixels_raise_in_apply_augmix_too():
+    x = torch.rand(2, 3, 8, 8)
+    x[0, 1, 2, 2] = float('nan')
+    with pytest.raises(ValueError, match='NaN'):
+        apply_augmix(x, one_op_params('equalize', 0.))
+
+
+def test_inputs_that_require_grad_are_augmented_without_autograd():
+    """Augmentation is not differentiable: the result is a plain tensor, and x is left as it was."""
+    x = torch.rand(2, 3, 8, 8, requires_grad=True)
+    for out in (augmix(x, all_ops=True), apply_augmix(x, sample_augmix(2, 8, 8, all_ops=True))):
+        assert out.shape == x.shape and not out.requires_grad
+    assert x.grad is None
+
+
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.slow

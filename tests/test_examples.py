@@ -162,4 +162,7 @@ def test_imagenette_path_without_train_and_valid_exits_with_one_line(tmp_path):
 def test_benchmark_training_quick(tmp_path):
     result = run_example('benchmark_training.py', '--quick', cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert 'ratio AugMix + JSD / plain' in result.stdout
+    row = [line for line in result.stdout.splitlines() if line.startswith('| resnet18 |')]
+    assert len(row) == 1
+    ratio = float(row[0].rstrip(' |').split('|')[-1])
+    assert ratio > 0.5  # AugMix + JSD cannot cost much less than the plain run on the same 3B images

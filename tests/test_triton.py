@@ -177,6 +177,30 @@ def test_callback_backends_give_the_same_views():
     assert (views['torch'] - views['triton']).abs().max() <= LEVEL
 
 
+def test_kernels_compile_for_a_gpu_within_their_register_budget():
+    """CI has no GPU, and the interpreter runs kernels that would not compile: compile them for sm_90 here.
+
+    At most 128 registers (so at least 16 warps fit on an SM to hide memory latency) and almost no
+    spills, for every variant the launcher uses (see triton_apply.STEP_PIXELS).
+    """
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+    ptxas = Path(triton_apply.triton.__file__).parent / 'backends' / 'nvidia' / 'bin' / 'ptxas'
+    if not ptxas.exists():
+        pytest.skip("this Triton install has no NVIDIA ptxas")
+    script = Path(__file__).with_name('_compile_kernels.py')
+    environment = dict(os.environ, TRITON_INTERPRET='0', PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=environment,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
+    assert len(reports) == 8
+    for report in reports:
+        assert report['registers'] <= 128 and report['spills'] <= 16, report
+
+
 # ---------------------------------------------------------------------------------------------
 # Choosing the backend.
 
