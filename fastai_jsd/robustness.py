@@ -96,6 +96,13 @@ def _move(tensor, device, dtype=None):
     return tensor.to(device=device, dtype=dtype, non_blocking=tensor.device.type == 'cpu')
 
 
+@lru_cache(maxsize=128)
+def _on_device(make, args, device, dtype):
+    """`make(*args)` (a CPU tensor) on `device` in `dtype`, made and copied once per device and dtype:
+    the filter matrices and sampling grids every call of a corruption reuses."""
+    return _move(make(*args), device, dtype)
+
+
 def _constant(values, like):
     """Per-channel constants as a [1, C, 1, 1] tensor with `like`'s dtype and device."""
     return _move(torch.tensor(values, dtype=like.dtype), like.device).view(1, -1, 1, 1)
@@ -167,12 +174,11 @@ def _correlate_separable(x, kernel_y, kernel_x, mode):
     a GPU.
     """
     height, width = x.shape[-2:]
-    rows = _move(_band_matrix(height, tuple(kernel_y.tolist()), mode), x.device, x.dtype)
-    cols = _move(_band_matrix(width, tuple(kernel_x.tolist()), mode), x.device, x.dtype)
+    rows = _on_device(_band_matrix, (height, tuple(kernel_y.tolist()), mode), x.device, x.dtype)
+    cols = _on_device(_band_matrix, (width, tuple(kernel_x.tolist()), mode), x.device, x.dtype)
     return torch.matmul(rows, x @ cols.T)
 
 
-@lru_cache(maxsize=256)
 def _band_matrix(size, kernel, mode):
     """The [size, size] matrix M with (M @ v)[i] = sum_t kernel[t] * v[border(i + t - radius)] (float64, CPU)."""
     radius = len(kernel) // 2
@@ -261,7 +267,7 @@ def _clipped_zoom(x, zoom):
     and on a GPU a thread per output pixel, where bilinear interpolate loops over all B * C planes in
     each thread (slow for small images).
     """
-    grid = _move(_zoom_grid(*x.shape[-2:], zoom), x.device, x.dtype)
+    grid = _on_device(_zoom_grid, (*x.shape[-2:], zoom), x.device, x.dtype)
     return F.grid_sample(x, grid.expand(x.shape[0], -1, -1, -1), mode='bilinear', padding_mode='border',
                          align_corners=True)
 
@@ -279,7 +285,6 @@ def _zoom_axis(size, zoom):
     return source * (2 / (size - 1)) - 1
 
 
-@lru_cache(maxsize=64)
 def _zoom_grid(height, width, zoom):
     """The [1, H, W, 2] (x, y) sampling grid of `_clipped_zoom` (float64, CPU)."""
     ys, xs = _zoom_axis(height, zoom), _zoom_axis(width, zoom)
@@ -389,6 +394,11 @@ def _plasma_fractal(batch, size, decay, generator, like):
         wibble /= decay
     maps = maps - maps.amin((1, 2), keepdim=True)
     return maps / maps.amax((1, 2), keepdim=True)
+
+
+def _pil_box_round_trip(size, small):
+    """The [size, size] matrix of a PIL BOX resize to `small` and back along one axis."""
+    return _pil_box_matrix(small, size) @ _pil_box_matrix(size, small)
 
 
 @lru_cache(maxsize=64)
@@ -690,8 +700,8 @@ def _pixelate(x, level, generator):
     factor = _PIXELATE[level]
     height, width = x.shape[-2:]
     small_h, small_w = max(int(height * factor), 1), max(int(width * factor), 1)
-    rows = _move(_pil_box_matrix(small_h, height) @ _pil_box_matrix(height, small_h), x.device, x.dtype)
-    cols = _move(_pil_box_matrix(small_w, width) @ _pil_box_matrix(width, small_w), x.device, x.dtype)
+    rows = _on_device(_pil_box_round_trip, (height, small_h), x.device, x.dtype)
+    cols = _on_device(_pil_box_round_trip, (width, small_w), x.device, x.dtype)
     return (rows @ x @ cols.T).clamp_(0, 1)
 
 
