@@ -196,8 +196,8 @@ def _correlate2d(x, kernel, mode, method=None):
     """Correlate every channel of `x` with one odd-sized 2-D kernel (cv2.filter2D's convention).
 
     `method`: 'conv' (one grouped convolution) or 'fft' (one FFT product). None: 'conv' on the CPU for
-    kernels up to 17 x 17 (faster for small kernels on one thread; even at 17 x 17; the FFT 6.7x
-    faster at 37 x 37, 224 px), 'fft' otherwise and on a GPU.
+    kernels up to 17 x 17, 'fft' for larger ones and on a GPU (on one CPU thread the convolution wins
+    for small kernels, they are even at 17 x 17, and the FFT is 6.7x faster at 37 x 37, 224 px).
     """
     if method is None:
         method = 'conv' if _on_host(x) and kernel.shape[0] <= 17 else 'fft'
