@@ -805,12 +805,10 @@ def test_evaluate_robustness_without_a_validation_loader_says_so(dls):
 
 
 def test_evaluate_robustness_refuses_nan_batches():
-    from fastai.vision.all import Normalize
     broken = make_dls(n_valid=12)
     broken.valid.after_batch.fs[-1].std = torch.zeros(1, 3, 1, 1)  # a zero std: encoded inf, decoded NaN
     with pytest.raises(ValueError, match='batch 0 .* NaN pixels'):
         evaluate_robustness(make_learner(broken), corruptions=('fog',), severities=(1,), show_progress=False)
-    assert isinstance(broken.valid.after_batch.fs[-1], Normalize)
 
 
 @pytest.mark.slow  # ~1.5 s on a quiet machine, but 600 resnet18 forwards: slow under load
