@@ -3,6 +3,7 @@ error against hendrycks' calib_err, and evaluate_robustness on a tiny fastai Lea
 import colorsys
 import io
 import math
+import types
 
 import matplotlib
 import numpy as np
@@ -14,8 +15,9 @@ from torch import nn
 
 from _images import photo_crops, to_grayscale, to_tensor
 from fastai_jsd import robustness
-from fastai_jsd.robustness import (CORRUPTIONS, EXTRA_CORRUPTIONS, RobustnessResult, calibration_error, corrupt,
-                                   evaluate_robustness, plot_corruption_errors)
+from fastai_jsd.robustness import (CORRUPTIONS, EXTRA_CORRUPTIONS, SEGMENTATION_CORRUPTIONS, RobustnessResult,
+                                   SegmentationRobustnessResult, calibration_error, corrupt, evaluate_robustness,
+                                   plot_corruption_errors)
 
 ALL = CORRUPTIONS + EXTRA_CORRUPTIONS
 DETERMINISTIC = {'defocus_blur', 'zoom_blur', 'brightness', 'contrast', 'pixelate', 'jpeg_compression',
@@ -211,20 +213,66 @@ def test_pixelate_matches_pil_box_resizes(size, severity):
         np.testing.assert_allclose(hwc(result), expected, atol=1.01 / 255)
 
 
+def pil_jpeg(photo, quality):
+    """PIL's JPEG round trip, what the script runs (its default 4:2:0 chroma sampling)."""
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, 'JPEG', quality=quality)
+    return np.asarray(Image.open(buffer), dtype=np.float64) / 255
+
+
+def as_array(result):
+    """float [C, H, W] -> [H, W] or [H, W, C] float64, PIL's layout."""
+    return result[0].double().numpy() if result.shape[0] == 1 else hwc(result)
+
+
+# 32 px goes through torchvision's libjpeg, 144 px (> 128 x 128 pixels) through PIL: both must give PIL's pixels.
+@pytest.mark.parametrize('size', [32, 144])
 @pytest.mark.parametrize('mode', ['RGB', 'L'])
 @pytest.mark.parametrize('severity', range(1, 6))
-def test_jpeg_matches_pil(severity, mode):
+def test_jpeg_matches_pil(severity, mode, size):
     quality = [80, 65, 58, 50, 40][severity - 1]
-    photos = photo_crops(3, 32, 32, seed=8)
+    photos = photo_crops(3, size, size, seed=8)
     if mode == 'L':
         photos = to_grayscale(photos)
     out = corrupt(to_tensor(photos), 'jpeg_compression', severity)
     for photo, result in zip(photos, out):
-        buffer = io.BytesIO()
-        Image.fromarray(photo).save(buffer, 'JPEG', quality=quality)
-        expected = np.asarray(Image.open(buffer), dtype=np.float64) / 255
-        got = result[0].double().numpy() if mode == 'L' else hwc(result)
-        np.testing.assert_allclose(got, expected, atol=1e-6)
+        np.testing.assert_allclose(as_array(result), pil_jpeg(photo, quality), atol=1e-6)
+
+
+def test_jpeg_without_torchvision_codecs_falls_back_to_pil(monkeypatch):
+    monkeypatch.setattr(robustness, '_torchvision_jpeg', lambda: None)
+    photos = photo_crops(2, 32, 32, seed=9)
+    out = corrupt(to_tensor(photos), 'jpeg_compression', 4)
+    for photo, result in zip(photos, out):
+        np.testing.assert_allclose(hwc(result), pil_jpeg(photo, 50), atol=1e-6)
+
+
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # torchvision 0.29 deprecates its codecs
+@pytest.mark.parametrize('mode', ['RGB', 'L'])
+def test_jpeg_gpu_batching_with_a_stand_in_codec_gives_pil_pixels(monkeypatch, mode):
+    """The CUDA path's batching (one byte copy, split by length, gray sent as RGB and decoded as gray)
+    with torchvision's CPU libjpeg standing in for nvJPEG: PIL's pixels exactly (nvJPEG itself differs
+    by its 4:4:4 chroma sampling; test_robustness_gpu.py measures that on a GPU)."""
+    encode_jpeg, decode_jpeg = robustness._torchvision_jpeg()
+    from torchvision.io import ImageReadMode
+    calls = []
+
+    def encode(images, quality):
+        calls.append([tuple(image.shape) for image in images])
+        return encode_jpeg(images, quality=quality)
+
+    def decode(data, read_mode, device):
+        return decode_jpeg(data, mode=ImageReadMode[read_mode], device=device)
+
+    monkeypatch.setattr(robustness, '_cuda_jpeg_codec', lambda: (encode, decode, False))
+    photos = photo_crops(3, 24, 40, seed=10)
+    if mode == 'L':
+        photos = to_grayscale(photos)
+    pixels = (to_tensor(photos) * 255).round().to(torch.uint8)
+    out = robustness._jpeg_round_trip_cuda(pixels, 58)
+    assert out.shape == pixels.shape and calls == [[(3, 24, 40)] * 3]
+    for photo, result in zip(photos, out):
+        np.testing.assert_allclose(as_array(result.float() / 255), pil_jpeg(photo, 58), atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ blurs, scipy references
@@ -441,6 +489,47 @@ def test_bad_corrupt_arguments_raise_value_error(crops):
         corrupt(crops, 'fog', 1, generator=3)
 
 
+def test_nan_pixels_raise_value_error(crops):
+    x = crops.clone()
+    x[1, 2, 5, 7] = float('nan')
+    for name in ('fog', 'contrast', 'pixelate', 'jpeg_compression', 'shot_noise'):
+        with pytest.raises(ValueError, match='NaN in 1 of'):
+            corrupt(x, name, 3)
+
+
+# --------------------------------------------------------------------------------- accelerator forms on CPU
+
+@pytest.mark.parametrize('shape', [(3, 3, 32, 32), (2, 3, 20, 48), (2, 1, 40, 40), (2, 3, 8, 8), (1, 3, 96, 80)])
+def test_accelerator_filter_forms_give_the_cpu_forms_pixels(monkeypatch, shape):
+    """On a GPU the filters run as band-matrix matmuls, FFT products and grid_sample zooms; here the
+    same code runs on CPU tensors and must give the CPU forms' pixels for the same draws."""
+    batch, channels, height, width = shape
+    photos = photo_crops(batch, height, width, seed=12)
+    x = to_tensor(photos if channels == 3 else to_grayscale(photos))
+    for name in ALL:
+        for severity in (1, 3, 5):
+            reference = corrupt(x, name, severity, generator=seeded(severity))
+            with monkeypatch.context() as patch:
+                patch.setattr(robustness, '_on_host', lambda tensor: False)
+                accelerated = corrupt(x, name, severity, generator=seeded(severity))
+            # frost: a square root of needles near 0; spatter: a floor of a distance (both within 1/255)
+            atol = 1e-3 if name in ('frost', 'spatter') else 1e-5
+            torch.testing.assert_close(accelerated, reference, atol=atol, rtol=0, msg=f'{name} {severity}')
+
+
+def test_fft_correlation_matches_scipy_for_every_border_mode(crops):
+    kernel = torch.rand(7, 7, generator=seeded(3), dtype=torch.float64) - 0.3  # not symmetric, signed
+    x = crops[:2].double()
+    for mode in ('nearest', 'mirror', 'reflect'):
+        got = robustness._fft_correlate(x, kernel[None, None], mode)
+        for image, result in zip(x, got):
+            expected = np.stack([ndimage.correlate(image[c].numpy(), kernel.numpy(), mode=mode) for c in range(3)])
+            np.testing.assert_allclose(result.numpy(), expected, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------- bad input (values)
+
+
 # -------------------------------------------------------------------------------------------- calibration
 
 def calib_err_reference(confidence, correct, p='2', beta=100, every_bin=True):
@@ -523,6 +612,19 @@ def test_bad_calibration_arguments_raise_value_error():
         calibration_error([], [])
     with pytest.raises(ValueError, match=r'\[0, 1\]'):
         calibration_error([1.5, 0.2], [1, 0])
+
+
+def test_calibration_error_refuses_correct_that_is_not_0_1_and_says_nan():
+    with pytest.raises(ValueError, match=r'0 / 1 \(or bool\).*got 2'):
+        calibration_error([0.9, 0.6], [1, 2])
+    with pytest.raises(ValueError, match=r'got -1, 0\.5'):
+        calibration_error([0.9, 0.6, 0.7], [-1, 0.5, 1])
+    with pytest.raises(ValueError, match='correct contains NaN in 1 of 2'):
+        calibration_error([0.9, 0.6], [1, float('nan')])
+    with pytest.raises(ValueError, match='confidence contains NaN in 1 of 2') as error:
+        calibration_error([0.5, float('nan')], [1, 0])
+    assert 'values in' not in str(error.value)
+    assert calibration_error([0.9, 0.6], torch.tensor([True, False])) == pytest.approx(0.25)
 
 
 # ----------------------------------------------------------------------------------- evaluate_robustness
@@ -693,6 +795,22 @@ def test_evaluate_robustness_bad_input(dls):
         evaluate_robustness(empty, show_progress=False)
 
 
+def test_evaluate_robustness_without_a_validation_loader_says_so(dls):
+    from fastai.vision.all import CrossEntropyLossFlat, DataLoaders, Learner
+    learn = Learner(DataLoaders(dls.train), TinyNet(), loss_func=CrossEntropyLossFlat())
+    with pytest.raises(ValueError, match='no validation DataLoader.*valid_pct'):
+        evaluate_robustness(learn, corruptions=('fog',), show_progress=False)
+    result = evaluate_robustness(learn, dl=dls.valid, corruptions=('fog',), severities=(1,), show_progress=False)
+    assert len(result.table) == 1  # with dl=..., the training loader's Normalize decodes
+
+
+def test_evaluate_robustness_refuses_nan_batches():
+    broken = make_dls(n_valid=12)
+    broken.valid.after_batch.fs[-1].std = torch.zeros(1, 3, 1, 1)  # a zero std: encoded inf, decoded NaN
+    with pytest.raises(ValueError, match='batch 0 .* NaN pixels'):
+        evaluate_robustness(make_learner(broken), corruptions=('fog',), severities=(1,), show_progress=False)
+
+
 @pytest.mark.slow  # ~1.5 s on a quiet machine, but 600 resnet18 forwards: slow under load
 def test_evaluate_robustness_every_corruption_with_vision_learner_and_progress_bar(capsys):
     from fastai.vision.all import resnet18, vision_learner
@@ -704,7 +822,7 @@ def test_evaluate_robustness_every_corruption_with_vision_learner_and_progress_b
     assert '100.00%' in capsys.readouterr().out  # fastprogress' console bar ran to the end
 
 
-def test_plot_corruption_errors(dls):
+def test_plot_corruption_errors_in_percent_with_a_title(dls):
     matplotlib.use('Agg')
     learn = make_learner(dls)
     kwargs = dict(corruptions=('fog', 'contrast', 'pixelate'), severities=(1, 3), show_progress=False)
@@ -713,20 +831,188 @@ def test_plot_corruption_errors(dls):
     assert len(ax.patches) == 2 * 4
     assert [t.get_text() for t in ax.get_xticklabels()] == ['clean', 'fog', 'contrast', 'pixelate']
     heights = [p.get_height() for p in ax.patches[:4]]
-    assert heights == pytest.approx([first.clean_error] + list(first.per_corruption().error))
+    assert heights == pytest.approx([100 * first.clean_error] + list(100 * first.per_corruption().error))
+    assert '%' in ax.get_ylabel() and 'error' in ax.get_ylabel()
+    assert 'Top-1 error (%)' in ax.get_title() and 'severities 1, 3' in ax.get_title()
     assert plot_corruption_errors(first).get_legend() is not None
+    assert plot_corruption_errors(first, title='Fashion-MNIST').get_title() == 'Fashion-MNIST'
     with pytest.raises(ValueError, match='RobustnessResult'):
         plot_corruption_errors({})
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
-def test_corrupt_on_gpu_matches_cpu_for_deterministic_and_runs_for_random():
-    x = to_tensor(photo_crops(4, 32, 32, seed=9))
-    for name in ALL:
-        out = corrupt(x.cuda(), name, 3, generator=torch.Generator('cuda').manual_seed(0))
-        assert out.is_cuda and out.shape == x.shape
-        if name in DETERMINISTIC:
-            torch.testing.assert_close(out.cpu(), corrupt(x, name, 3), atol=2e-5, rtol=0)
-        cpu_generated = corrupt(x.cuda(), name, 3, generator=seeded(5))
-        torch.testing.assert_close(cpu_generated.cpu(), corrupt(x, name, 3, generator=seeded(5)), atol=2e-5,
-                                   rtol=0)
+# ------------------------------------------------------------------------------------ segmentation
+
+CODES = ['dark', 'mid', 'bright']
+
+
+def make_segmentation_dls(n_valid=12, n_train=4, size=32, ignore_label=None):
+    """Photo crops with 3-class masks (brightness terciles); `ignore_label` marks the left 4 columns."""
+    from fastai.vision.all import (DataBlock, ImageBlock, IndexSplitter, MaskBlock, Normalize, PILImage, PILMask,
+                                   imagenet_stats)
+    n = n_train + n_valid
+    photos = photo_crops(n, size, size, seed=31)
+    gray = to_grayscale(photos)
+    masks = np.digitize(gray, np.quantile(gray, [1 / 3, 2 / 3])).astype(np.uint8)
+    if ignore_label is not None:
+        masks[:, :, :4] = ignore_label
+    block = DataBlock(blocks=(ImageBlock, MaskBlock(CODES)),
+                      get_x=lambda i: PILImage.create(photos[i]), get_y=lambda i: PILMask.create(masks[i]),
+                      splitter=IndexSplitter(list(range(n_train, n))),
+                      batch_tfms=[Normalize.from_stats(*imagenet_stats, cuda=False)])
+    return block.dataloaders(list(range(n)), bs=8, device='cpu')
+
+
+class TinySegNet(nn.Module):
+    """Per-pixel class scores [B, 3, H, W] from a 3 x 3 convolution."""
+
+    def __init__(self, n_classes=3):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, n_classes, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def make_segmentation_learner(dls, seed=0, **loss_kwargs):
+    from fastai.vision.all import CrossEntropyLossFlat, Learner
+    torch.manual_seed(seed)
+    return Learner(dls, TinySegNet(), loss_func=CrossEntropyLossFlat(axis=1, **loss_kwargs))
+
+
+@pytest.fixture(scope='module')
+def seg_dls():
+    return make_segmentation_dls()
+
+
+def manual_segmentation_scores(learn, conditions, seed, ignore_index=-100):
+    """Pixel error and mean IoU per condition by hand: numpy confusion matrices of the decoded,
+    corrupted (batches outer, conditions in order), re-encoded and segmented images."""
+    norm = learn.dls.after_batch.fs[-1]
+    mean, std = (torch.as_tensor(v).view(1, 3, 1, 1) for v in (norm.mean, norm.std))
+    generator = seeded(seed)
+    matrices = {}
+    learn.model.eval()
+    with torch.no_grad():
+        for xb, yb in learn.dls.valid:
+            pixels = (xb.as_subclass(torch.Tensor) * std + mean).clamp(0, 1)
+            masks = yb.as_subclass(torch.Tensor).numpy()
+            for key in ['clean'] + conditions:
+                images = pixels if key == 'clean' else corrupt(pixels, *key, generator)
+                predicted = learn.model((images - mean) / std).argmax(1).numpy()
+                keep = masks != ignore_index
+                counts = np.bincount(masks[keep] * 3 + predicted[keep], minlength=9).reshape(3, 3)
+                matrices[key] = matrices.get(key, 0) + counts
+    scores = {}
+    for key, matrix in matrices.items():
+        intersection = np.diag(matrix)
+        union = matrix.sum(0) + matrix.sum(1) - intersection
+        scores[key] = (1 - intersection.sum() / matrix.sum(), np.mean(intersection[union > 0] / union[union > 0]))
+    return scores
+
+
+def test_evaluate_robustness_segmentation_pixel_error_and_mean_iou(seg_dls):
+    learn = make_segmentation_learner(seg_dls)
+    corruptions, severities = ('gaussian_noise', 'fog', 'glass_blur'), (2, 5)
+    result = evaluate_robustness(learn, corruptions=corruptions, severities=severities, generator=seeded(5),
+                                 show_progress=False)
+    assert isinstance(result, SegmentationRobustnessResult)
+    table = result.table
+    assert list(table.columns) == ['corruption', 'severity', 'pixel_error', 'mean_iou']
+    conditions = [(c, s) for c in corruptions for s in severities]
+    assert list(zip(table.corruption, table.severity)) == conditions
+    expected = manual_segmentation_scores(learn, conditions, seed=5)
+    assert (result.clean_error, result.clean_mean_iou) == pytest.approx(expected['clean'])
+    for row in table.itertuples():
+        assert (row.pixel_error, row.mean_iou) == pytest.approx(expected[(row.corruption, row.severity)])
+    assert result.mean_corruption_error == pytest.approx(table.pixel_error.mean())
+    assert result.mean_corrupted_iou == pytest.approx(table.mean_iou.mean())
+    assert result.mce is None
+    assert set(result.summary()) == {'clean_error', 'clean_mean_iou', 'mean_corruption_error', 'mean_corrupted_iou',
+                                     'mce', 'relative_mce'}
+    assert 'clean_mean_iou=' in repr(result) and 'mean_corrupted_iou=' in repr(result)
+    assert list(result.per_corruption().columns) == ['pixel_error', 'mean_iou']
+
+
+def test_evaluate_robustness_segmentation_ignore_index():
+    dls = make_segmentation_dls(n_valid=8, ignore_label=255)
+    conditions = [('contrast', 4)]
+    from_loss = evaluate_robustness(make_segmentation_learner(dls, ignore_index=255), corruptions=('contrast',),
+                                    severities=(4,), show_progress=False)
+    expected = manual_segmentation_scores(make_segmentation_learner(dls), conditions, seed=0, ignore_index=255)
+    assert from_loss.clean_error == pytest.approx(expected['clean'][0])
+    assert from_loss.table.mean_iou[0] == pytest.approx(expected[('contrast', 4)][1])
+    explicit = evaluate_robustness(make_segmentation_learner(dls), corruptions=('contrast',), severities=(4,),
+                                   show_progress=False, ignore_index=255)
+    assert explicit.table.equals(from_loss.table)
+    with pytest.raises(ValueError, match=r'mask labels 0, 1, 2, 255.*3 classes.*ignore_index is -100'):
+        evaluate_robustness(make_segmentation_learner(dls), corruptions=('contrast',), show_progress=False)
+    with pytest.raises(ValueError, match='ignore_index=2.5'):
+        evaluate_robustness(make_segmentation_learner(dls), show_progress=False, ignore_index=2.5)
+
+
+def test_segmentation_uses_only_corruptions_that_keep_pixels_in_place(seg_dls):
+    assert SEGMENTATION_CORRUPTIONS == tuple(c for c in CORRUPTIONS if c not in ('zoom_blur', 'elastic_transform'))
+    small = make_segmentation_dls(n_valid=4)
+    result = evaluate_robustness(make_segmentation_learner(small), severities=(1,), generator=seeded(),
+                                 show_progress=False)
+    assert tuple(result.table.corruption) == SEGMENTATION_CORRUPTIONS
+    assert result.table.pixel_error.between(0, 1).all() and result.table.mean_iou.between(0, 1).all()
+    for name in ('elastic_transform', 'zoom_blur'):
+        with pytest.raises(ValueError, match=f"{name}.*move pixels"):
+            evaluate_robustness(make_segmentation_learner(seg_dls), corruptions=('fog', name), show_progress=False)
+
+
+def test_evaluate_robustness_segmentation_baseline_mce(seg_dls):
+    learn, other = make_segmentation_learner(seg_dls, seed=0), make_segmentation_learner(seg_dls, seed=1)
+    kwargs = dict(corruptions=('shot_noise', 'pixelate'), severities=(3, 5), show_progress=False)
+    compared = evaluate_robustness(learn, baseline=other, generator=seeded(2), **kwargs)
+    base = evaluate_robustness(other, generator=seeded(2), **kwargs)
+    own = evaluate_robustness(learn, generator=seeded(2), **kwargs)
+    assert compared.baseline.table.equals(base.table)
+    expected = np.mean([own.table.pixel_error[own.table.corruption == c].sum()
+                        / base.table.pixel_error[base.table.corruption == c].sum() for c in kwargs['corruptions']])
+    assert compared.mce == pytest.approx(expected)
+    assert evaluate_robustness(learn, baseline=base, generator=seeded(2), **kwargs).mce == pytest.approx(expected)
+    classification = RobustnessResult(own.table, 0.1, 0.1, 0.1, 0.1)
+    with pytest.raises(ValueError, match='baseline is a RobustnessResult.*segmentation'):
+        evaluate_robustness(learn, baseline=classification, **kwargs)
+    matplotlib.use('Agg')
+    ax = plot_corruption_errors({'model': compared, 'baseline': base})
+    assert ax.patches[0].get_height() == pytest.approx(100 * compared.clean_error)
+    assert 'Pixel error (%)' in ax.get_title() and '%' in ax.get_ylabel()
+    with pytest.raises(ValueError, match='mix'):
+        plot_corruption_errors({'a': compared, 'b': classification})
+
+
+def test_evaluate_robustness_segmentation_bad_model_output(seg_dls):
+    learn = make_segmentation_learner(seg_dls)
+    learn.model.body.append(nn.AvgPool2d(2))  # half-size scores
+    with pytest.raises(ValueError, match=r'\[B, n_classes, H, W\] at the masks'):
+        evaluate_robustness(learn, corruptions=('fog',), show_progress=False)
+
+
+@pytest.mark.slow  # about 10 s: a resnet18 U-Net on the CPU
+def test_evaluate_robustness_with_a_fastai_unet_learner():
+    from fastai.vision.all import CrossEntropyLossFlat, resnet18, unet_learner
+    dls = make_segmentation_dls(n_valid=4, n_train=8)  # unet_learner reads one training batch
+    learn = unet_learner(dls, resnet18, pretrained=False, n_out=3, loss_func=CrossEntropyLossFlat(axis=1))
+    result = evaluate_robustness(learn, corruptions=('snow', 'jpeg_compression'), severities=(3,),
+                                 generator=seeded(), show_progress=False)
+    assert isinstance(result, SegmentationRobustnessResult) and len(result.table) == 2
+    assert 0 <= result.clean_error <= 1 and 0 <= result.clean_mean_iou <= 1
+
+
+def test_evaluate_robustness_segmentation_with_uint8_masks_and_many_classes():
+    """uint8 masks: target * n_classes must not wrap around at 256."""
+    x = to_tensor(photo_crops(4, 24, 24, seed=7))
+    masks = (x.mean(1) * 19.99).to(torch.uint8)  # labels 0..19
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 20, 3, padding=1)).eval()
+    learn = types.SimpleNamespace(model=model, dls=None, loss_func=None)
+    kwargs = dict(corruptions=('contrast',), severities=(2,), show_progress=False)
+    small = evaluate_robustness(learn, dl=[(x, masks)], **kwargs)
+    large = evaluate_robustness(learn, dl=[(x, masks.long())], **kwargs)
+    assert small.table.equals(large.table) and small.clean_mean_iou == large.clean_mean_iou
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+    assert small.clean_error == pytest.approx(float((predicted != masks.long()).float().mean()))
