@@ -10,9 +10,10 @@ metrics, recorders and other callbacks see B rows. Nothing is swapped, so nothin
 restoring after a cancelled or crashed fit.
 """
 import sys
+import weakref
 
 import torch
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, TrainEvalCallback
 from fastai.callback.mixup import MixHandler
 from fastai.callback.training import GradientAccumulation
 from fastai.data.transforms import Normalize
@@ -21,7 +22,7 @@ from fastai.torch_core import num_distrib, rank_distrib, retain_type
 
 from fastai_jsd.augmix import augmix, check_augmix_args
 
-__all__ = ['AugMixCallback', 'LossPartsRecorder', 'split_batchnorm', 'find_normalize']
+__all__ = ['AugMixCallback', 'LossPartsRecorder', 'FollowFittingLearner', 'split_batchnorm', 'find_normalize']
 
 
 def find_normalize(dl):
@@ -46,6 +47,25 @@ def _describe(xb):
     parts = [f"{type(t).__name__}{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
              for t in xb]
     return f"{len(parts)} input(s): " + ", ".join(parts)
+
+
+def check_augment_output(out, pixels):
+    """What a custom `augment` returned, as a detached tensor of `pixels`' dtype; errors name what to change.
+
+    Augmentation is not part of the model, so a result that requires grad is detached (the caller's tensor
+    is never modified), and a float64 or float16 result is cast to the batch's dtype. A result on another
+    device or of an integer dtype is refused: a copy per batch, or a 0..255 scale, would hide a mistake.
+    """
+    if not isinstance(out, torch.Tensor) or out.shape != pixels.shape:
+        raise ValueError(f"augment must return a tensor of the input's shape {tuple(pixels.shape)}; "
+                         f"got {type(out).__name__}{tuple(getattr(out, 'shape', ()))}.")
+    if out.device != pixels.device:
+        raise ValueError(f"augment must return a tensor on the input's device ({pixels.device}); got one on "
+                         f"{out.device}. Create new tensors with device=pixels.device (or torch.*_like(pixels)).")
+    if not out.is_floating_point():
+        raise TypeError(f"augment must return float pixels in [0, 1] like its input ({pixels.dtype}); got dtype "
+                        f"{out.dtype}. Convert 8-bit images with `.float() / 255`.")
+    return out.detach().to(pixels.dtype)
 
 
 def repeat_rows(t, times, batch_size):
@@ -151,6 +171,15 @@ def check_split_bn_without_sync_bn(learn):
         "auxiliary BNs (timm's train.py refuses --split-bn with --sync-bn for the same reason). " + conflict)
 
 
+def check_single_augmix(learn):
+    """ValueError when `learn` holds more than one AugMixCallback: the second would stack views of the first's views."""
+    found = [cb for cb in learn.cbs if isinstance(cb, AugMixCallback)]
+    if len(found) > 1:
+        raise ValueError(f"The Learner has {len(found)} AugMixCallbacks; it needs one. fastai's add_cb and "
+                         f"fit(cbs=...) add a callback, they do not replace one: remove the extra one first "
+                         f"(learn.remove_cb(learn.aug_mix)) or pass num_splits etc. to a single AugMixCallback.")
+
+
 class AugMixCallback(Callback):
     """Train on AugMix views of every image: clean first, then `num_splits - 1` independent augmented splits.
 
@@ -164,7 +193,10 @@ class AugMixCallback(Callback):
     # `yb` rows in `after_loss`, and before MixedPrecision (10), so AugMix runs outside autocast in float32.
     order = GradientAccumulation.order - 1
     run_valid = False
-    _stateattrs = ('_rank_generator',)  # a per-fit RNG, possibly on a GPU: not part of an exported Learner
+    # Per-fit and per-batch state stays out of the pickle, so an exported Learner carries no batch even when
+    # a fit ended between before_batch and after_loss (an exception skips after_fit).
+    _stateattrs = ('_rank_generator', '_rank_seed', 'dls_normalize', 'split_loss', 'loss_takes_splits',
+                   'clean_xb', 'clean_yb', 'mix_saved', '_learners')
 
     def __init__(self, num_splits=3, severity=3, width=3, depth=-1, alpha=1., all_ops=False, fill=None,
                  augment=None):
@@ -190,17 +222,46 @@ class AugMixCallback(Callback):
     def learn(self, learner):
         previous = self.__dict__.get('_learner')
         self.__dict__['_learner'] = learner
-        companion = self.__dict__.get('parts_recorder')
-        if companion is None:
+        if self.__dict__.get('parts_recorder') is None:  # in __init__, before the companion exists
             return
-        if learner is None and previous is not None and companion in previous.cbs:
-            previous.remove_cb(companion)
-        elif learner is not None and companion not in learner.cbs:
-            learner.add_cb(companion)
+        if learner is not None:
+            self._attach_companions(learner)
+        elif previous is not None and self._holders(previous) == [previous]:
+            # Only then is `previous` surely the Learner removing this callback (fastai's remove_cb clears
+            # `learn` before it removes the callback from its list); a stale pair is dropped by FollowFittingLearner.
+            previous.remove_cbs([self.parts_recorder] + self._followers(previous))
+
+    def _attach_companions(self, learner):
+        """Give `learner` the loss-parts recorder and its own FollowFittingLearner; point the recorder at it."""
+        learners = self.__dict__.setdefault('_learners', [])
+        if not any(ref() is learner for ref in learners):
+            learners.append(weakref.ref(learner))
+        if self.parts_recorder in learner.cbs:
+            self.parts_recorder.learn = learner
+        else:
+            learner.add_cb(self.parts_recorder)
+        if not self._followers(learner):
+            learner.add_cb(FollowFittingLearner(self))
+
+    def _holders(self, learner):
+        """The Learners (`learner` and those this callback was added to) that still list this callback."""
+        known = [ref() for ref in self.__dict__.get('_learners', [])] + [learner]
+        holders = []
+        for candidate in known:
+            if candidate is not None and all(h is not candidate for h in holders) and \
+                    any(cb is self for cb in candidate.cbs):
+                holders.append(candidate)
+        return holders
+
+    def _followers(self, learner):
+        """The FollowFittingLearner callbacks of `learner` that serve this callback."""
+        return [cb for cb in learner.cbs if isinstance(cb, FollowFittingLearner) and cb.augmix_cb is self]
 
     # ----- fit-level checks -----
     def before_fit(self):
         """Find the Normalize to decode with and check that loss and model agree with `num_splits`."""
+        self.clean_xb = self.clean_yb = self.mix_saved = None  # a batch left by a crashed fit
+        check_single_augmix(self.learn)
         self.dls_normalize = find_normalize(self.dls.train)
         self.split_loss = underlying_loss(self.learn.loss_func)
         self.loss_takes_splits = bool(getattr(self.split_loss, 'consumes_splits', False))
@@ -216,8 +277,9 @@ class AugMixCallback(Callback):
         self._rank_seed, self._rank_generator = rank_seed(), None
 
     def after_fit(self):
-        """Drop the per-rank generator: `show()` and an exported Learner use the global RNG again."""
+        """Drop the per-rank generator (`show()` uses the global RNG again) and a batch a cancelled fit left."""
         self._rank_seed = self._rank_generator = None
+        self.clean_xb = self.clean_yb = self.mix_saved = None
 
     def rank_generator(self, device):
         """This rank's AugMix generator on `device` when several processes train; None (global RNG) otherwise."""
@@ -259,16 +321,15 @@ class AugMixCallback(Callback):
         if num_views > 1:
             pixels = pixels.repeat(num_views, 1, 1, 1)
         views = self.augment_pixels(pixels)
-        return self.encode_(views)
+        # AugMix's output is a new tensor of ours; a custom `augment` may return a tensor it keeps (a cache).
+        return self.encode_(views) if self.augment is None else self.encode(views)
 
     def augment_pixels(self, pixels):
         """The augmentation itself, on pixels in [0, 1]: AugMix unless `augment` was given."""
         if self.augment is not None:
-            out = self.augment(pixels)
-            if not isinstance(out, torch.Tensor) or out.shape != pixels.shape:
-                raise ValueError(f"augment must return a tensor of the input's shape {tuple(pixels.shape)}; "
-                                 f"got {type(out).__name__}{tuple(getattr(out, 'shape', ()))}.")
-            return out
+            with torch.no_grad():  # augmentation is not part of what the model learns
+                out = self.augment(pixels)
+            return check_augment_output(out, pixels)
         return augmix(pixels, severity=self.severity, width=self.width, depth=self.depth, alpha=self.alpha,
                       all_ops=self.all_ops, fill=self.fill_value(pixels),
                       generator=self.rank_generator(pixels.device))
@@ -298,6 +359,14 @@ class AugMixCallback(Callback):
             return pixels
         mean, std = self._stats(norm, pixels)
         return pixels.sub_(mean).div_(std)
+
+    def encode(self, pixels):
+        """`pixels` normalized with the DataLoaders' statistics into a new tensor; `pixels` is left as it is."""
+        norm = getattr(self, "dls_normalize", None)
+        if norm is None:
+            return pixels
+        mean, std = self._stats(norm, pixels)
+        return torch.sub(pixels, mean).div_(std)
 
     @staticmethod
     def _stats(norm, like):
@@ -367,6 +436,31 @@ def _imshow(ax, image):
     ax.axis('off')
 
 
+class FollowFittingLearner(Callback):
+    """Points an `AugMixCallback` (and its `LossPartsRecorder`) at this Learner when this Learner starts a fit.
+
+    fastai gives a callback one `learn`, the Learner that added it last, so one AugMixCallback given to two
+    Learners would act on the second while the first one fits. One of these rides along per Learner (it is
+    the one place that knows which Learner is fitting) and runs before every other callback's `before_fit`.
+    """
+    order = TrainEvalCallback.order + 1
+
+    def __init__(self, augmix_cb):
+        self.augmix_cb = augmix_cb
+
+    def before_fit(self):
+        learner = self.learn
+        if any(cb is self.augmix_cb for cb in learner.cbs):
+            self.augmix_cb.learn = learner
+            return
+        # The AugMixCallback was removed from this Learner while another Learner also held it: drop the
+        # companions here. The recorder still gets this fit's before_fit; pointed at this Learner, which has
+        # no AugMixCallback, it adds no columns (the other Learner's FollowFittingLearner points it back).
+        recorder = self.augmix_cb.parts_recorder
+        learner.remove_cbs([recorder, self])
+        recorder.learn = learner
+
+
 class LossPartsRecorder(Callback):
     """Adds the training epochs' cross-entropy and consistency parts to fastai's results table.
 
@@ -377,6 +471,7 @@ class LossPartsRecorder(Callback):
     """
     order = Recorder.order + 1
     part_names = ('train_ce', 'train_jsd')
+    _stateattrs = ('totals',)  # the running sums, possibly on a GPU: not part of an exported Learner
 
     def __init__(self):
         self.totals, self.count, self.showing = None, 0, False
@@ -407,7 +502,8 @@ class LossPartsRecorder(Callback):
         if ce_part is None or consistency is None:
             return
         batch = torch.stack([torch.as_tensor(ce_part).float(), torch.as_tensor(consistency).float()]) * batch_size
-        self.totals = batch if self.totals is None else self.totals + batch.to(self.totals.device)
+        totals = getattr(self, 'totals', None)
+        self.totals = batch if totals is None else totals + batch.to(totals.device)
         self.count += batch_size
 
     def after_train(self):
