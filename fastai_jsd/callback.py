@@ -401,14 +401,27 @@ class AugMixCallback(Callback):
             self.mix_saved = None
 
     # ----- looking at it -----
-    def show(self, n=8, dl=None, figsize=None):
-        """A figure of `n` training images: one row each, columns clean, aug1, aug2, ... in pixel space."""
+    def show(self, n=8, dl=None, figsize=None, labels=None):
+        """A figure of `n` training images: one row each, columns clean, aug1, aug2, ... in pixel space.
+
+        `labels=None` writes each row's class name (the DataLoaders' vocab) when the targets are class indices,
+        `True` requires that, `False` leaves rows unlabelled.
+        """
         import matplotlib.pyplot as plt
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int (number of images to show); got n={n!r}.")
+        if labels not in (None, True, False):
+            raise TypeError(f"labels must be None (class names when the data has them), True or False; "
+                            f"got {labels!r}.")
         loader = dl if dl is not None else self.dls.train
         self.dls_normalize = find_normalize(loader)
-        images = check_image_batch(loader.one_batch()[:loader.n_inp])[:n]
+        batch = loader.one_batch()
+        n_inp = getattr(loader, 'n_inp', 1 if len(batch) == 1 else len(batch) - 1)  # as fastai's Learner splits
+        images = check_image_batch(batch[:n_inp])[:n]
+        names = class_names(loader, batch[n_inp:], images.shape[0]) if labels is not False else None
+        if labels and names is None:
+            raise ValueError("labels=True needs single-label class targets and a vocab (fastai's CategoryBlock); "
+                             "these DataLoaders have none. Use labels=None or False.")
         num_views = max(self.num_splits - 1, 1)
         with torch.no_grad():
             pixels = self.decode(images)
@@ -416,14 +429,37 @@ class AugMixCallback(Callback):
         columns = [pixels] + list(views.split(images.shape[0]))
         titles = ['clean'] + [f'aug{i + 1}' for i in range(num_views)]
         rows = images.shape[0]
-        fig, axes = plt.subplots(rows, len(columns), figsize=figsize or (1.6 * len(columns), 1.6 * rows),
+        fig, axes = plt.subplots(rows, len(columns), figsize=figsize or (1.6 * len(columns), 1.6 * rows + 0.4),
                                  squeeze=False)
         for col, (block, title) in enumerate(zip(columns, titles)):
             for row in range(rows):
                 _imshow(axes[row, col], block[row])
             axes[0, col].set_title(title)
+        for row, name in enumerate(names or []):
+            _row_label(axes[row, 0], name)
+        what = 'AugMix' if self.augment is None else 'augmented'
+        fig.suptitle(f'Training images (clean) and\nthe {what} views the model also sees')
         fig.tight_layout()
         return fig
+
+
+def class_names(loader, yb, n):
+    """The class names of the first `n` targets, or None unless they are class indices and `loader` has a vocab."""
+    vocab = getattr(loader, 'vocab', None)
+    target = yb[0] if len(yb) == 1 else None
+    if vocab is None or not isinstance(target, torch.Tensor) or target.ndim != 1 or target.is_floating_point():
+        return None
+    return [str(vocab[i]) for i in target[:n].tolist()]
+
+
+def _row_label(ax, text):
+    """Write `text` left of the image in `ax`, as a y-axis label (kept by tight_layout and bbox_inches='tight')."""
+    ax.axis('on')
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_ylabel(text, rotation=0, ha='right', va='center')
 
 
 def _imshow(ax, image):

@@ -300,6 +300,30 @@ def test_show_draws_clean_and_views(dls):
         learn.aug_mix.show(n=0)
 
 
+def test_show_labels_each_row_with_its_class(dls, photo_folder):
+    import matplotlib
+    matplotlib.use('Agg')
+    learn = make_learner(dls)
+    fig = learn.aug_mix.show(n=4, dl=dls.valid)  # not shuffled: the first four validation targets
+    targets = dls.valid.one_batch()[1][:4]
+    assert [fig.axes[3 * row].get_ylabel() for row in range(4)] == [dls.vocab[int(t)] for t in targets]
+    assert all(ax.get_ylabel() == '' for i, ax in enumerate(fig.axes) if i % 3)
+    assert 'AugMix' in fig._suptitle.get_text()
+    unlabelled = learn.aug_mix.show(n=2, labels=False)
+    assert all(ax.get_ylabel() == '' for ax in unlabelled.axes)
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from torch.utils.data import TensorDataset
+    regression = DataLoaders(*[DataLoader(TensorDataset(torch.rand(16, 3, 8, 8), torch.rand(16)), bs=8)] * 2)
+    cb = AugMixCallback()
+    cb.learn = None
+    assert all(ax.get_ylabel() == '' for ax in cb.show(n=2, dl=regression.train).axes)
+    with pytest.raises(ValueError, match='labels=True'):
+        cb.show(n=2, dl=regression.train, labels=True)
+    with pytest.raises(TypeError, match='labels'):
+        cb.show(n=2, labels='yes')
+
+
 def test_fill_none_is_the_dataset_mean(dls):
     cb = AugMixCallback()
     cb.dls_normalize = find_normalize(dls.train)
