@@ -3,6 +3,7 @@
 The quick modes train for seconds, so these tests check that the scripts work end to end and write
 what they promise (tables, figures, one-line errors), not what accuracy they reach.
 """
+import importlib.util
 import os
 import socket
 import subprocess
@@ -113,6 +114,63 @@ def test_quickstart_quick_writes_table_csv_and_figures(tmp_path):
     figures_line = next(line for line in result.stdout.splitlines() if line.startswith('Figures: '))
     assert str(out / 'augmix_batch.png') in figures_line
     assert not (tmp_path / 'models').exists(), 'lr_find left files outside --out'
+    assert not (out / 'models').exists(), 'lr_find left its (empty) models/ folder in --out'
+
+
+def load_example(name):
+    """examples/`name`.py imported as a module (its main() is not run), to test its functions."""
+    spec = importlib.util.spec_from_file_location(f'example_{name}', EXAMPLES / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def quickstart():
+    return load_example('quickstart')
+
+
+def tiny_fashion_learner(quickstart, loss_func, path):
+    """A linear model on 256 images of the bundled Fashion-MNIST sample: lr_find takes a second."""
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from torch import nn
+    from fastai_jsd.data import fashion_dls
+    dls = fashion_dls(size=28, bs=32, channels=1, seed=0)
+    dls = DataLoaders(dls.train.new(n=256), dls.valid.new(n=64))
+    return Learner(dls, nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)), loss_func=loss_func, path=path)
+
+
+def test_quickstart_lr_find_leaves_no_models_folder(quickstart, tmp_path):
+    from fastai.losses import CrossEntropyLossFlat
+    learn = tiny_fashion_learner(quickstart, CrossEntropyLossFlat(), tmp_path)
+    with learn.no_bar():
+        suggestion = quickstart.lr_find_leaving_no_files(learn, num_it=10, show_plot=False)
+    assert suggestion.valley > 0
+    assert list(tmp_path.iterdir()) == [], 'lr_find left files in the Learner\'s path'
+    assert learn.model_dir == 'models'
+
+
+def test_quickstart_lr_find_figure_names_the_model_and_marks_the_rate_used(quickstart, tmp_path):
+    import matplotlib.pyplot as plt
+    from fastai_jsd import AugMixCallback, JsdCrossEntropy
+    learn = tiny_fashion_learner(quickstart, JsdCrossEntropy(smoothing=0), tmp_path)
+    learn.add_cb(AugMixCallback())
+    with learn.no_bar():
+        used = quickstart.suggested_lr(learn, 'augmix_jsd', tmp_path, quick=True)
+    check_png(tmp_path / 'lr_find_augmix_jsd.png')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['lr_find_augmix_jsd.png']
+    # the figure itself, as suggested_lr labels it
+    learn.lr_find(num_it=10, show_plot=True, suggest_funcs=(quickstart.valley,))
+    fig = quickstart.label_lr_find(plt.gcf(), 'AugMix + JSD', quickstart.loss_name(learn.loss_func), 5e-2, used)
+    ax = fig.axes[0]
+    assert ax.get_title() == 'lr_find: AugMix + JSD'
+    assert '12 x Jensen-Shannon' in ax.get_ylabel()
+    marks = [line for line in ax.get_lines() if line.get_label().startswith('used by fit_one_cycle')]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [used, used]
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert f'used by fit_one_cycle: {used:.2g}' in legend and "lr_find's valley suggestion: 0.05" in legend
+    plt.close('all')
 
 
 def test_quickstart_rejects_unknown_arch_before_training(tmp_path):
@@ -136,6 +194,7 @@ def test_imagenette_trains_on_a_local_image_folder(tmp_path):
         check_png(out / name)
     assert 'mean corruption error' in result.stdout
     assert not (folder / 'models').exists(), 'lr_find wrote into the image folder'
+    assert not (out / 'models').exists(), 'lr_find left its (empty) models/ folder in --out'
 
 
 def test_imagenette_unreachable_download_exits_with_one_line(tmp_path):
