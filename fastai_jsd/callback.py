@@ -500,6 +500,12 @@ class FollowFittingLearner(Callback):
 class LossPartsRecorder(Callback):
     """Adds the training epochs' cross-entropy and consistency parts to fastai's results table.
 
+    `train_ce` and `train_jsd` are means over the epoch's training images of the loss's two parts (the
+    cross-entropy of the clean images, and alpha x the Jensen-Shannon divergence), so their sum is the
+    epoch's mean loss. fastai's `train_loss` is not that mean: it is `Recorder`'s smoothed loss (an
+    exponential moving average over batches, beta 0.98) at the end of the epoch, so it weighs the last
+    batches most and differs from `train_ce + train_jsd`, most in the first epochs.
+
     Added and removed together with `AugMixCallback`. It runs after `Recorder` (which builds the
     column names in `before_fit` and the row in `after_train`) and before `ProgressCallback` prints
     the header, so names and values stay aligned for `final_record`, `recorder.values` and

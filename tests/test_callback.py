@@ -200,6 +200,29 @@ def test_training_table_shows_loss_parts(dls):
     assert learn.loss_func.last_consistency == 0
 
 
+def test_loss_parts_sum_to_the_epoch_mean_loss_and_train_loss_is_the_smoothed_one(dls):
+    """What the README and LossPartsRecorder say the columns are, checked against the losses of the batches."""
+    class BatchLosses(Callback):
+        order = AugMixCallback.order + 1
+        def before_fit(self): self.losses, self.sizes = [], []
+        def after_loss(self):
+            if self.training:
+                self.losses.append(self.learn.loss.item())
+                self.sizes.append(self.yb[0].shape[0])
+    record = BatchLosses()
+    learn = tiny_learner(dls, cbs=[AugMixCallback(), record])
+    quiet_fit(learn, 1, 1e-2)
+    train_loss, train_ce, train_jsd = learn.recorder.values[-1][:3]
+    epoch_mean = np.average(record.losses, weights=record.sizes)
+    assert train_ce + train_jsd == pytest.approx(epoch_mean, rel=1e-5)
+    # fastai's smoothed loss: beta 0.98, debiased, over this epoch's batches
+    smoothed = 0.
+    for loss in record.losses:
+        smoothed = 0.98 * smoothed + 0.02 * loss
+    assert train_loss == pytest.approx(smoothed / (1 - 0.98 ** len(record.losses)), rel=1e-5)
+    assert abs(train_loss - epoch_mean) > 1e-6
+
+
 def test_train_metrics_stay_aligned(dls):
     from fastai.learner import Recorder
     learn = make_learner(dls)

@@ -5,6 +5,7 @@ what they promise (tables, figures, one-line errors), not what accuracy they rea
 """
 import importlib.util
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -222,3 +223,64 @@ def test_benchmark_training_quick(tmp_path):
     result = run_example('benchmark_training.py', '--quick', cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'ratio AugMix + JSD / plain' in result.stdout
+
+
+# --- the READMEs: what a newcomer reads first -------------------------------------------------------------------------
+
+ROOT = EXAMPLES.parent
+
+
+def markdown_section(path, heading):
+    """The text of the markdown section `heading` (e.g. '## Usage') of `path`, up to the next heading of its level."""
+    text = path.read_text()
+    level = heading.split()[0]
+    start = text.index(f'\n{heading}\n') + 1
+    following = [i for i in (text.find(f'\n{level} ', start + 1),) if i != -1]
+    return text[start:min(following)] if following else text[start:]
+
+
+def python_blocks(markdown):
+    return re.findall(r'```python\n(.*?)```', markdown, re.S)
+
+
+def test_readme_usage_says_the_snippet_downloads_weights_and_gives_one_that_runs_offline():
+    usage = markdown_section(ROOT / 'README.md', '## Usage')
+    blocks = python_blocks(usage)
+    downloading = [b for b in blocks if 'vision_learner(' in b and 'pretrained=False' not in b]
+    offline = [b for b in blocks if 'vision_learner(' in b and 'pretrained=False' in b]
+    prose = re.sub(r'```.*?```', '', usage, flags=re.S)
+    if downloading:
+        assert 'ImageNet weights' in prose and 'download' in prose and 'pretrained=False' in prose
+    assert offline, 'the Usage section needs a snippet that runs without network'
+    # The offline snippet is complete: it makes its own DataLoaders from data shipped with the package.
+    snippet = offline[0]
+    compile(snippet, 'README Usage', 'exec')
+    assert 'fashion_dls(' in snippet and 'dls =' in snippet and 'import' in snippet
+
+
+DURATION = re.compile(r'\b\d+(?:\.\d+)?\s?(?:s|sec|seconds|min|minutes)\b')
+RATIO = re.compile(r'\b(?:\d+(?:\.\d+)?\s?x|twice|three times|\w+ times) (?:as long|the baseline)', re.I)
+
+
+def test_the_quickstart_run_time_and_time_ratio_are_stated_in_one_place():
+    results = markdown_section(ROOT / 'README.md', '## Results')
+    assert len(RATIO.findall(results)) == 1, RATIO.findall(results)
+    assert re.search(r'\d+ min \d+ s in all', results) and re.search(r'Measured\s+20\d\d-\d\d-\d\d', results)
+    # examples/README.md refers to it instead of stating figures of its own (other configurations' tables aside).
+    quickstart_doc = markdown_section(EXAMPLES / 'README.md', '## quickstart.py')
+    prose = '\n'.join(line for line in quickstart_doc.splitlines() if not line.startswith('| `--arch'))
+    assert DURATION.findall(prose) == [] and RATIO.findall(prose) == []
+    assert '../README.md#results' in quickstart_doc
+    listing = (EXAMPLES / 'README.md').read_text().split('## quickstart.py')[0]
+    assert DURATION.findall(listing) == []
+    docstring = (EXAMPLES / 'quickstart.py').read_text().split('"""')[1]
+    assert DURATION.findall(docstring) == [] and 'README' in docstring
+
+
+def test_readme_says_what_the_training_table_columns_are():
+    features = markdown_section(ROOT / 'README.md', '## What each fastai feature does with the plugin')
+    row = next(line for line in features.splitlines() if line.startswith('| training table'))
+    for phrase in ('`train_ce`', '`train_jsd`', 'mean', 'smoothed', 'not `train_ce + train_jsd`'):
+        assert phrase in row, phrase
+    from fastai_jsd.callback import LossPartsRecorder
+    assert 'smoothed' in LossPartsRecorder.__doc__ and 'train_ce + train_jsd' in LossPartsRecorder.__doc__
