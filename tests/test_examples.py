@@ -131,7 +131,7 @@ def quickstart():
     return load_example('quickstart')
 
 
-def tiny_fashion_learner(quickstart, loss_func, path):
+def tiny_fashion_learner(loss_func, path):
     """A linear model on 256 images of the bundled Fashion-MNIST sample: lr_find takes a second."""
     from fastai.data.core import DataLoaders
     from fastai.learner import Learner
@@ -144,7 +144,7 @@ def tiny_fashion_learner(quickstart, loss_func, path):
 
 def test_quickstart_lr_find_leaves_no_models_folder(quickstart, tmp_path):
     from fastai.losses import CrossEntropyLossFlat
-    learn = tiny_fashion_learner(quickstart, CrossEntropyLossFlat(), tmp_path)
+    learn = tiny_fashion_learner(CrossEntropyLossFlat(), tmp_path)
     with learn.no_bar():
         suggestion = quickstart.lr_find_leaving_no_files(learn, num_it=10, show_plot=False)
     assert suggestion.valley > 0
@@ -155,14 +155,15 @@ def test_quickstart_lr_find_leaves_no_models_folder(quickstart, tmp_path):
 def test_quickstart_lr_find_figure_names_the_model_and_marks_the_rate_used(quickstart, tmp_path):
     import matplotlib.pyplot as plt
     from fastai_jsd import AugMixCallback, JsdCrossEntropy
-    learn = tiny_fashion_learner(quickstart, JsdCrossEntropy(smoothing=0), tmp_path)
+    learn = tiny_fashion_learner(JsdCrossEntropy(smoothing=0), tmp_path)
     learn.add_cb(AugMixCallback())
     with learn.no_bar():
         used = quickstart.suggested_lr(learn, 'augmix_jsd', tmp_path, quick=True)
     check_png(tmp_path / 'lr_find_augmix_jsd.png')
     assert sorted(p.name for p in tmp_path.iterdir()) == ['lr_find_augmix_jsd.png']
     # the figure itself, as suggested_lr labels it
-    learn.lr_find(num_it=10, show_plot=True, suggest_funcs=(quickstart.valley,))
+    with learn.no_bar():
+        quickstart.lr_find_leaving_no_files(learn, num_it=10, suggest_funcs=(quickstart.valley,))
     fig = quickstart.label_lr_find(plt.gcf(), 'AugMix + JSD', quickstart.loss_name(learn.loss_func), 5e-2, used)
     ax = fig.axes[0]
     assert ax.get_title() == 'lr_find: AugMix + JSD'
