@@ -213,7 +213,8 @@ class AugMixCallback(Callback):
         self.parts_recorder = LossPartsRecorder()
 
     # fastai sets `cb.learn` whenever a callback is added (Learner(cbs=...), add_cb, fit(cbs=...)) and
-    # clears it on removal; the loss-parts columns need a callback ordered after Recorder, so it rides along.
+    # clears it on removal. Two companions ride along: the loss-parts columns need a callback ordered after
+    # Recorder, and a FollowFittingLearner per Learner keeps one callback usable by several Learners.
     @property
     def learn(self):
         return self.__dict__.get('_learner')
@@ -233,9 +234,10 @@ class AugMixCallback(Callback):
 
     def _attach_companions(self, learner):
         """Give `learner` the loss-parts recorder and its own FollowFittingLearner; point the recorder at it."""
-        learners = self.__dict__.setdefault('_learners', [])
-        if not any(ref() is learner for ref in learners):
-            learners.append(weakref.ref(learner))
+        alive = [ref for ref in self.__dict__.get('_learners', []) if ref() is not None]
+        if not any(ref() is learner for ref in alive):
+            alive.append(weakref.ref(learner))  # weak: a callback never keeps an old Learner (and its model) alive
+        self.__dict__['_learners'] = alive
         if self.parts_recorder in learner.cbs:
             self.parts_recorder.learn = learner
         else:
