@@ -13,6 +13,7 @@ at 5 severities. Without network and without `--path` the script says so and exi
 import argparse
 import math
 import socket
+import tempfile
 import sys
 import threading
 from pathlib import Path
@@ -139,15 +140,25 @@ def evaluation_loader(dls, n_images, seed):
 
 
 def suggested_lr(learn, out, quick):
-    "lr_find's 'valley' suggestion (its figure saved to `out`), kept within LR_RANGE."
-    suggestion = learn.lr_find(num_it=20 if quick else 100, suggest_funcs=(valley,))
-    plt.gcf().savefig(out / 'lr_find.png', bbox_inches='tight')
-    plt.close('all')
+    "lr_find's 'valley' suggestion, kept within LR_RANGE; its figure, marking the rate used, is saved to `out`."
+    # lr_find's temporary weights go to a temporary folder, so no empty models/ stays behind in --out
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir, learn.model_dir = learn.model_dir, scratch  # absolute, so path/model_dir is scratch
+        try:
+            suggestion = learn.lr_find(num_it=20 if quick else 100, suggest_funcs=(valley,))
+        finally:
+            learn.model_dir = model_dir
     lr = float(suggestion.valley)
     low, high = LR_RANGE
     used = FALLBACK_LR if math.isnan(lr) else min(max(lr, low), high)
     if used != lr:
         print(f'lr_find suggested {lr:.2g}, using {used:.2g}')
+    ax = plt.gcf().axes[0]
+    ax.axvline(used, color='tab:red', linestyle='--', label=f'used by fit_one_cycle: {used:.2g}')
+    ax.set_title(f'lr_find: AugMix + JSD (loss: cross-entropy + {learn.loss_func.alpha:g} x JSD)')
+    ax.legend(loc='best')
+    plt.gcf().savefig(out / 'lr_find.png', bbox_inches='tight')
+    plt.close('all')
     return used
 
 
@@ -175,7 +186,7 @@ def main(argv=None):
     print(f'{path}: {len(dls.train_ds)} training and {len(dls.valid_ds)} validation images, '
           f'{dls.c} classes; {args.arch} at {args.size} px on {dls.device}')
 
-    # path=args.out: lr_find's temporary weights go to out/models, not into the image folder
+    # path=args.out: anything the Learner saves goes to --out, not into the image folder
     learn = vision_learner(dls, arch, pretrained=False, loss_func=JsdCrossEntropy(), cbs=AugMixCallback(),
                            metrics=[accuracy, error_rate], path=args.out)
     lr = suggested_lr(learn, args.out, args.quick)

@@ -1,7 +1,7 @@
 """Quickstart: does AugMix + JSD make a Fashion-MNIST classifier more robust? Train both and measure.
 
     pip install -e .
-    python examples/quickstart.py               # about 5 minutes on 2 CPU cores (see examples/README.md)
+    python examples/quickstart.py               # a few minutes on a CPU (measured: README.md, Results)
     python examples/quickstart.py --quick       # a smoke test in under a minute
     python examples/quickstart.py --arch resnet18 --size 32 --epochs 4
 
@@ -15,6 +15,7 @@ the figures to `--out`. Nothing is downloaded: `pretrained=False` throughout.
 """
 import argparse
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def make_learner(dls, arch, augmix, out):
     loss_func = JsdCrossEntropy(smoothing=0) if augmix else CrossEntropyLossFlat()
     cbs = [AugMixCallback()] if augmix else []
     model = find_model(arch)
-    # path=out: lr_find's temporary weights go to out/models, not to the current folder
+    # path=out: anything the Learner saves goes to --out, not to the current folder
     if model is small_cnn:
         return Learner(dls, small_cnn(n_in=1, n_out=dls.c), loss_func=loss_func, cbs=cbs, metrics=error_rate,
                        path=out)
@@ -100,16 +101,48 @@ def make_learner(dls, arch, augmix, out):
 
 
 def suggested_lr(learn, name, out, quick):
-    "lr_find's 'valley' suggestion (its figure saved to `out`), kept within LR_RANGE."
-    suggestion = learn.lr_find(num_it=20 if quick else 100, suggest_funcs=(valley,))
-    plt.gcf().savefig(out / f'lr_find_{name}.png', bbox_inches='tight')
-    plt.close('all')
+    "lr_find's 'valley' suggestion, kept within LR_RANGE; its figure (model, rate used) is saved to `out`."
+    suggestion = lr_find_leaving_no_files(learn, num_it=20 if quick else 100, suggest_funcs=(valley,))
     lr = float(suggestion.valley)
     low, high = LR_RANGE
     used = FALLBACK_LR if math.isnan(lr) else min(max(lr, low), high)
     if used != lr:
         print(f'{MODELS[name]}: lr_find suggested {lr:.2g}, using {used:.2g}')
+    label_lr_find(plt.gcf(), MODELS[name], loss_name(learn.loss_func), lr, used)
+    plt.gcf().savefig(out / f'lr_find_{name}.png', bbox_inches='tight')
+    plt.close('all')
     return used
+
+
+def lr_find_leaving_no_files(learn, **kwargs):
+    "`learn.lr_find(**kwargs)` with its temporary weights in a temporary folder, so no empty models/ stays behind."
+    # fastai saves them under path/model_dir and deletes them, but not the model_dir it created for them
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir, learn.model_dir = learn.model_dir, scratch  # absolute, so path/model_dir is scratch
+        try:
+            return learn.lr_find(**kwargs)
+        finally:
+            learn.model_dir = model_dir
+
+
+def loss_name(loss_func):
+    "What the training loss of `loss_func` is, in words, for a figure."
+    alpha = getattr(loss_func, 'alpha', None)
+    return 'cross-entropy' if alpha is None else f'cross-entropy + {alpha:g} x Jensen-Shannon consistency'
+
+
+def label_lr_find(fig, model_name, loss, suggested, used):
+    "Title lr_find's figure with the model and its loss, and mark the suggestion and the learning rate fit used."
+    ax = fig.axes[0]
+    for line in ax.get_lines():
+        if line.get_label() == 'valley':
+            line.set_label(f"lr_find's valley suggestion: {suggested:.2g}")
+    ax.axvline(used, color='tab:red', linestyle='--', label=f'used by fit_one_cycle: {used:.2g}')
+    ax.set_title(f'lr_find: {model_name}')
+    ax.set_ylabel(f'training loss, smoothed\n({loss})')
+    ax.set_xlabel('learning rate (log scale)')
+    ax.legend(loc='best')
+    return fig
 
 
 def train(args, name):

@@ -10,9 +10,10 @@ metrics, recorders and other callbacks see B rows. Nothing is swapped, so nothin
 restoring after a cancelled or crashed fit.
 """
 import sys
+import weakref
 
 import torch
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, TrainEvalCallback
 from fastai.callback.mixup import MixHandler
 from fastai.callback.training import GradientAccumulation
 from fastai.data.transforms import Normalize
@@ -21,7 +22,7 @@ from fastai.torch_core import num_distrib, rank_distrib, retain_type
 
 from fastai_jsd.augmix import BACKENDS, augmix, check_augmix_args
 
-__all__ = ['AugMixCallback', 'LossPartsRecorder', 'split_batchnorm', 'find_normalize']
+__all__ = ['AugMixCallback', 'LossPartsRecorder', 'FollowFittingLearner', 'split_batchnorm', 'find_normalize']
 
 
 def find_normalize(dl):
@@ -46,6 +47,25 @@ def _describe(xb):
     parts = [f"{type(t).__name__}{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
              for t in xb]
     return f"{len(parts)} input(s): " + ", ".join(parts)
+
+
+def check_augment_output(out, pixels):
+    """What a custom `augment` returned, as a detached tensor of `pixels`' dtype; errors name what to change.
+
+    Augmentation is not part of the model, so a result that requires grad is detached (the caller's tensor
+    is never modified), and a float64 or float16 result is cast to the batch's dtype. A result on another
+    device or of an integer dtype is refused: a copy per batch, or a 0..255 scale, would hide a mistake.
+    """
+    if not isinstance(out, torch.Tensor) or out.shape != pixels.shape:
+        raise ValueError(f"augment must return a tensor of the input's shape {tuple(pixels.shape)}; "
+                         f"got {type(out).__name__}{tuple(getattr(out, 'shape', ()))}.")
+    if out.device != pixels.device:
+        raise ValueError(f"augment must return a tensor on the input's device ({pixels.device}); got one on "
+                         f"{out.device}. Create new tensors with device=pixels.device (or torch.*_like(pixels)).")
+    if not out.is_floating_point():
+        raise TypeError(f"augment must return float pixels in [0, 1] like its input ({pixels.dtype}); got dtype "
+                        f"{out.dtype}. Convert 8-bit images with `.float() / 255`.")
+    return out.detach().to(pixels.dtype)
 
 
 def repeat_rows(t, times, batch_size):
@@ -151,6 +171,15 @@ def check_split_bn_without_sync_bn(learn):
         "auxiliary BNs (timm's train.py refuses --split-bn with --sync-bn for the same reason). " + conflict)
 
 
+def check_single_augmix(learn):
+    """ValueError when `learn` holds more than one AugMixCallback: the second would stack views of the first's views."""
+    found = [cb for cb in learn.cbs if isinstance(cb, AugMixCallback)]
+    if len(found) > 1:
+        raise ValueError(f"The Learner has {len(found)} AugMixCallbacks; it needs one. fastai's add_cb and "
+                         f"fit(cbs=...) add a callback, they do not replace one: remove the extra one first "
+                         f"(learn.remove_cb(learn.aug_mix)) or pass num_splits etc. to a single AugMixCallback.")
+
+
 class AugMixCallback(Callback):
     """Train on AugMix views of every image: clean first, then `num_splits - 1` independent augmented splits.
 
@@ -166,7 +195,10 @@ class AugMixCallback(Callback):
     # `yb` rows in `after_loss`, and before MixedPrecision (10), so AugMix runs outside autocast in float32.
     order = GradientAccumulation.order - 1
     run_valid = False
-    _stateattrs = ('_rank_generator',)  # a per-fit RNG, possibly on a GPU: not part of an exported Learner
+    # Per-fit and per-batch state stays out of the pickle, so an exported Learner carries no batch even when
+    # a fit ended between before_batch and after_loss (an exception skips after_fit).
+    _stateattrs = ('_rank_generator', '_rank_seed', 'dls_normalize', 'split_loss', 'loss_takes_splits',
+                   'clean_xb', 'clean_yb', 'mix_saved', '_learners')
 
     def __init__(self, num_splits=3, severity=3, width=3, depth=-1, alpha=1., all_ops=False, fill=None,
                  augment=None, backend=None):
@@ -187,7 +219,8 @@ class AugMixCallback(Callback):
         self.parts_recorder = LossPartsRecorder()
 
     # fastai sets `cb.learn` whenever a callback is added (Learner(cbs=...), add_cb, fit(cbs=...)) and
-    # clears it on removal; the loss-parts columns need a callback ordered after Recorder, so it rides along.
+    # clears it on removal. Two companions ride along: the loss-parts columns need a callback ordered after
+    # Recorder, and a FollowFittingLearner per Learner keeps one callback usable by several Learners.
     @property
     def learn(self):
         return self.__dict__.get('_learner')
@@ -196,17 +229,47 @@ class AugMixCallback(Callback):
     def learn(self, learner):
         previous = self.__dict__.get('_learner')
         self.__dict__['_learner'] = learner
-        companion = self.__dict__.get('parts_recorder')
-        if companion is None:
+        if self.__dict__.get('parts_recorder') is None:  # in __init__, before the companion exists
             return
-        if learner is None and previous is not None and companion in previous.cbs:
-            previous.remove_cb(companion)
-        elif learner is not None and companion not in learner.cbs:
-            learner.add_cb(companion)
+        if learner is not None:
+            self._attach_companions(learner)
+        elif previous is not None and self._holders(previous) == [previous]:
+            # Only then is `previous` surely the Learner removing this callback (fastai's remove_cb clears
+            # `learn` before it removes the callback from its list); a stale pair is dropped by FollowFittingLearner.
+            previous.remove_cbs([self.parts_recorder] + self._followers(previous))
+
+    def _attach_companions(self, learner):
+        """Give `learner` the loss-parts recorder and its own FollowFittingLearner; point the recorder at it."""
+        alive = [ref for ref in self.__dict__.get('_learners', []) if ref() is not None]
+        if not any(ref() is learner for ref in alive):
+            alive.append(weakref.ref(learner))  # weak: a callback never keeps an old Learner (and its model) alive
+        self.__dict__['_learners'] = alive
+        if self.parts_recorder in learner.cbs:
+            self.parts_recorder.learn = learner
+        else:
+            learner.add_cb(self.parts_recorder)
+        if not self._followers(learner):
+            learner.add_cb(FollowFittingLearner(self))
+
+    def _holders(self, learner):
+        """The Learners (`learner` and those this callback was added to) that still list this callback."""
+        known = [ref() for ref in self.__dict__.get('_learners', [])] + [learner]
+        holders = []
+        for candidate in known:
+            if candidate is not None and all(h is not candidate for h in holders) and \
+                    any(cb is self for cb in candidate.cbs):
+                holders.append(candidate)
+        return holders
+
+    def _followers(self, learner):
+        """The FollowFittingLearner callbacks of `learner` that serve this callback."""
+        return [cb for cb in learner.cbs if isinstance(cb, FollowFittingLearner) and cb.augmix_cb is self]
 
     # ----- fit-level checks -----
     def before_fit(self):
         """Find the Normalize to decode with and check that loss and model agree with `num_splits`."""
+        self.clean_xb = self.clean_yb = self.mix_saved = None  # a batch left by a crashed fit
+        check_single_augmix(self.learn)
         self.dls_normalize = find_normalize(self.dls.train)
         self.split_loss = underlying_loss(self.learn.loss_func)
         self.loss_takes_splits = bool(getattr(self.split_loss, 'consumes_splits', False))
@@ -222,8 +285,9 @@ class AugMixCallback(Callback):
         self._rank_seed, self._rank_generator = rank_seed(), None
 
     def after_fit(self):
-        """Drop the per-rank generator: `show()` and an exported Learner use the global RNG again."""
+        """Drop the per-rank generator (`show()` uses the global RNG again) and a batch a cancelled fit left."""
         self._rank_seed = self._rank_generator = None
+        self.clean_xb = self.clean_yb = self.mix_saved = None
 
     def rank_generator(self, device):
         """This rank's AugMix generator on `device` when several processes train; None (global RNG) otherwise."""
@@ -265,16 +329,15 @@ class AugMixCallback(Callback):
         if num_views > 1:
             pixels = pixels.repeat(num_views, 1, 1, 1)
         views = self.augment_pixels(pixels)
-        return self.encode_(views)
+        # AugMix's output is a new tensor of ours; a custom `augment` may return a tensor it keeps (a cache).
+        return self.encode_(views) if self.augment is None else self.encode(views)
 
     def augment_pixels(self, pixels):
         """The augmentation itself, on pixels in [0, 1]: AugMix unless `augment` was given."""
         if self.augment is not None:
-            out = self.augment(pixels)
-            if not isinstance(out, torch.Tensor) or out.shape != pixels.shape:
-                raise ValueError(f"augment must return a tensor of the input's shape {tuple(pixels.shape)}; "
-                                 f"got {type(out).__name__}{tuple(getattr(out, 'shape', ()))}.")
-            return out
+            with torch.no_grad():  # augmentation is not part of what the model learns
+                out = self.augment(pixels)
+            return check_augment_output(out, pixels)
         return augmix(pixels, severity=self.severity, width=self.width, depth=self.depth, alpha=self.alpha,
                       all_ops=self.all_ops, fill=self.fill_value(pixels),
                       generator=self.rank_generator(pixels.device), backend=getattr(self, 'backend', None))
@@ -304,6 +367,14 @@ class AugMixCallback(Callback):
             return pixels
         mean, std = self._stats(norm, pixels)
         return pixels.sub_(mean).div_(std)
+
+    def encode(self, pixels):
+        """`pixels` normalized with the DataLoaders' statistics into a new tensor; `pixels` is left as it is."""
+        norm = getattr(self, "dls_normalize", None)
+        if norm is None:
+            return pixels
+        mean, std = self._stats(norm, pixels)
+        return torch.sub(pixels, mean).div_(std)
 
     @staticmethod
     def _stats(norm, like):
@@ -338,14 +409,27 @@ class AugMixCallback(Callback):
             self.mix_saved = None
 
     # ----- looking at it -----
-    def show(self, n=8, dl=None, figsize=None):
-        """A figure of `n` training images: one row each, columns clean, aug1, aug2, ... in pixel space."""
+    def show(self, n=8, dl=None, figsize=None, labels=None):
+        """A figure of `n` training images: one row each, columns clean, aug1, aug2, ... in pixel space.
+
+        `labels=None` writes each row's class name (the DataLoaders' vocab) when the targets are class indices,
+        `True` requires that, `False` leaves rows unlabelled.
+        """
         import matplotlib.pyplot as plt
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int (number of images to show); got n={n!r}.")
+        if labels not in (None, True, False):
+            raise TypeError(f"labels must be None (class names when the data has them), True or False; "
+                            f"got {labels!r}.")
         loader = dl if dl is not None else self.dls.train
         self.dls_normalize = find_normalize(loader)
-        images = check_image_batch(loader.one_batch()[:loader.n_inp])[:n]
+        batch = loader.one_batch()
+        n_inp = getattr(loader, 'n_inp', 1 if len(batch) == 1 else len(batch) - 1)  # as fastai's Learner splits
+        images = check_image_batch(batch[:n_inp])[:n]
+        names = class_names(loader, batch[n_inp:], images.shape[0]) if labels is not False else None
+        if labels and names is None:
+            raise ValueError("labels=True needs single-label class targets and a vocab (fastai's CategoryBlock); "
+                             "these DataLoaders have none. Use labels=None or False.")
         num_views = max(self.num_splits - 1, 1)
         with torch.no_grad():
             pixels = self.decode(images)
@@ -353,14 +437,37 @@ class AugMixCallback(Callback):
         columns = [pixels] + list(views.split(images.shape[0]))
         titles = ['clean'] + [f'aug{i + 1}' for i in range(num_views)]
         rows = images.shape[0]
-        fig, axes = plt.subplots(rows, len(columns), figsize=figsize or (1.6 * len(columns), 1.6 * rows),
+        fig, axes = plt.subplots(rows, len(columns), figsize=figsize or (1.6 * len(columns), 1.6 * rows + 0.4),
                                  squeeze=False)
         for col, (block, title) in enumerate(zip(columns, titles)):
             for row in range(rows):
                 _imshow(axes[row, col], block[row])
             axes[0, col].set_title(title)
+        for row, name in enumerate(names or []):
+            _row_label(axes[row, 0], name)
+        what = 'AugMix' if self.augment is None else 'augmented'
+        fig.suptitle(f'Training images (clean) and\nthe {what} views the model also sees')
         fig.tight_layout()
         return fig
+
+
+def class_names(loader, yb, n):
+    """The class names of the first `n` targets, or None unless they are class indices and `loader` has a vocab."""
+    vocab = getattr(loader, 'vocab', None)
+    target = yb[0] if len(yb) == 1 else None
+    if vocab is None or not isinstance(target, torch.Tensor) or target.ndim != 1 or target.is_floating_point():
+        return None
+    return [str(vocab[i]) for i in target[:n].tolist()]
+
+
+def _row_label(ax, text):
+    """Write `text` left of the image in `ax`, as a y-axis label (kept by tight_layout and bbox_inches='tight')."""
+    ax.axis('on')
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_ylabel(text, rotation=0, ha='right', va='center')
 
 
 def _imshow(ax, image):
@@ -373,8 +480,39 @@ def _imshow(ax, image):
     ax.axis('off')
 
 
+class FollowFittingLearner(Callback):
+    """Points an `AugMixCallback` (and its `LossPartsRecorder`) at this Learner when this Learner starts a fit.
+
+    fastai gives a callback one `learn`, the Learner that added it last, so one AugMixCallback given to two
+    Learners would act on the second while the first one fits. One of these rides along per Learner (it is
+    the one place that knows which Learner is fitting) and runs before every other callback's `before_fit`.
+    """
+    order = TrainEvalCallback.order + 1
+
+    def __init__(self, augmix_cb):
+        self.augmix_cb = augmix_cb
+
+    def before_fit(self):
+        learner = self.learn
+        if any(cb is self.augmix_cb for cb in learner.cbs):
+            self.augmix_cb.learn = learner
+            return
+        # The AugMixCallback was removed from this Learner while another Learner also held it: drop the
+        # companions here. The recorder still gets this fit's before_fit; pointed at this Learner, which has
+        # no AugMixCallback, it adds no columns (the other Learner's FollowFittingLearner points it back).
+        recorder = self.augmix_cb.parts_recorder
+        learner.remove_cbs([recorder, self])
+        recorder.learn = learner
+
+
 class LossPartsRecorder(Callback):
     """Adds the training epochs' cross-entropy and consistency parts to fastai's results table.
+
+    `train_ce` and `train_jsd` are means over the epoch's training images of the loss's two parts (the
+    cross-entropy of the clean images, and alpha x the Jensen-Shannon divergence), so their sum is the
+    epoch's mean loss. fastai's `train_loss` is not that mean: it is `Recorder`'s smoothed loss (an
+    exponential moving average over batches, beta 0.98) at the end of the epoch, so it weighs the last
+    batches most and differs from `train_ce + train_jsd`, most in the first epochs.
 
     Added and removed together with `AugMixCallback`. It runs after `Recorder` (which builds the
     column names in `before_fit` and the row in `after_train`) and before `ProgressCallback` prints
@@ -383,6 +521,7 @@ class LossPartsRecorder(Callback):
     """
     order = Recorder.order + 1
     part_names = ('train_ce', 'train_jsd')
+    _stateattrs = ('totals',)  # the running sums, possibly on a GPU: not part of an exported Learner
 
     def __init__(self):
         self.totals, self.count, self.showing = None, 0, False
@@ -413,7 +552,8 @@ class LossPartsRecorder(Callback):
         if ce_part is None or consistency is None:
             return
         batch = torch.stack([torch.as_tensor(ce_part).float(), torch.as_tensor(consistency).float()]) * batch_size
-        self.totals = batch if self.totals is None else self.totals + batch.to(self.totals.device)
+        totals = getattr(self, 'totals', None)
+        self.totals = batch if totals is None else totals + batch.to(totals.device)
         self.count += batch_size
 
     def after_train(self):

@@ -38,6 +38,10 @@ row) and interpolates the two neighbouring windows with one `lerp`, which is PIL
 filter when the other axis stays on pixel centres; `shift_columns` does the same on the
 transposed images. Whole-pixel translations (all AugMix draws) are plain copies: exact.
 The same PIL rules apply on every path, so the paths agree to float rounding.
+
+The public kernels (`warp_affine`, `rotate`, `shear_x`, `shear_y`, `translate_x`, `translate_y`) run under
+`torch.no_grad()`: augmentation is not differentiable here (the buffers are written with `out=`), an input
+that requires grad is accepted, and the output never requires grad.
 """
 import math
 import numbers
@@ -288,12 +292,14 @@ def _warp_into(image, coeffs, fill, out, workspace=None):
     return torch.lerp(fill, sampled, inside, out=out)
 
 
+@torch.no_grad()
 def warp_affine(x, matrix, fill=0.):
     """Resample `x` at the source positions `matrix` gives (PIL convention, see module docs).
 
     One `grid_sample` with border padding reproduces PIL's edge rule inside the image;
     positions PIL counts as outside get `fill`. Half-precision inputs are resampled in
     float32, since a half-precision grid cannot address pixels of a 224 px image.
+    Not differentiable: runs under torch.no_grad().
     """
     check_images(x)
     _check_matrix(matrix, x.shape[0])
@@ -491,29 +497,33 @@ def is_whole(pixels):
     return bool((pixels == torch.floor(pixels)).all())
 
 
+@torch.no_grad()
 def rotate(x, degrees, fill=0.):
-    """Rotate counter-clockwise about the centre, as `img.rotate(degrees, resample=Image.BILINEAR)`."""
+    """Rotate counter-clockwise about the centre, as `img.rotate(degrees, resample=Image.BILINEAR)`; no autograd."""
     check_images(x)
     degrees = _per_image_vector(degrees, x, 'degrees')
     return warp_affine(x, rotation_matrix(degrees, x.shape[2], x.shape[3]), fill)
 
 
+@torch.no_grad()
 def shear_x(x, factor, fill=0.):
-    """output(x, y) = input(x + factor*y, y), as PIL's AFFINE transform with data (1, factor, 0, 0, 1, 0)."""
+    """output(x, y) = input(x + factor*y, y), as PIL's AFFINE data (1, factor, 0, 0, 1, 0); no autograd."""
     check_images(x)
     factor = _per_image_vector(factor, x, 'factor').expand(x.shape[0])
     return _on_padded_copy(x, fill, shift_rows, factor[:, None] * pixel_centres(x.shape[2], factor))
 
 
+@torch.no_grad()
 def shear_y(x, factor, fill=0.):
-    """output(x, y) = input(x, y + factor*x), as PIL's AFFINE transform with data (1, 0, 0, factor, 1, 0)."""
+    """output(x, y) = input(x, y + factor*x), as PIL's AFFINE data (1, 0, 0, factor, 1, 0); no autograd."""
     check_images(x)
     factor = _per_image_vector(factor, x, 'factor').expand(x.shape[0])
     return _on_padded_copy(x, fill, shift_columns, factor[:, None] * pixel_centres(x.shape[3], factor))
 
 
+@torch.no_grad()
 def translate_x(x, pixels, fill=0.):
-    """output(x, y) = input(x + pixels, y), as PIL's AFFINE transform with data (1, 0, pixels, 0, 1, 0)."""
+    """output(x, y) = input(x + pixels, y), as PIL's AFFINE transform with data (1, 0, pixels, 0, 1, 0); no autograd."""
     check_images(x)
     pixels = _per_image_vector(pixels, x, 'pixels').expand(x.shape[0])
     if is_whole(pixels):  # AugMix's translations: a copy, no interpolation
@@ -521,8 +531,9 @@ def translate_x(x, pixels, fill=0.):
     return _on_padded_copy(x, fill, shift_rows, pixels[:, None].expand(-1, x.shape[2]))
 
 
+@torch.no_grad()
 def translate_y(x, pixels, fill=0.):
-    """output(x, y) = input(x, y + pixels), as PIL's AFFINE transform with data (1, 0, 0, 0, 1, pixels)."""
+    """output(x, y) = input(x, y + pixels), as PIL's AFFINE transform with data (1, 0, 0, 0, 1, pixels); no autograd."""
     check_images(x)
     pixels = _per_image_vector(pixels, x, 'pixels').expand(x.shape[0])
     if is_whole(pixels):  # AugMix's translations: a copy, no interpolation

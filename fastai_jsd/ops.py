@@ -3,6 +3,11 @@
 Each kernel matches the PIL call of the original AugMix code (`ImageOps`, `ImageEnhance`)
 on the same image, takes its per-image parameter as a Python number or a `[B]` tensor,
 never modifies its input, keeps dtype and device, and never loops over images.
+
+Augmentation is not differentiable (levels are rounded, histograms counted), so the public
+kernels run under `torch.no_grad()`: an input that requires grad is accepted, and the output
+never requires grad. The `*_into` functions write into buffers with `out=` and are for the
+AugMix apply path, which runs without autograd too.
 """
 import numbers
 
@@ -22,12 +27,15 @@ def _accumulation_dtype(x):
     return torch.float32 if x.element_size() < 4 else x.dtype
 
 
+@torch.no_grad()
 def autocontrast(x):
     """Stretch every channel of every image to span [0, 1]; matches `ImageOps.autocontrast(img)`.
 
     PIL maps the darkest value of each channel to 0 and the brightest to 255, leaving a flat
     channel unchanged. PIL truncates `v * scale + offset` to an integer; the float result is
     the exact line it truncates, so it stays below PIL's value + 1/255.
+
+    Not differentiable: runs under torch.no_grad().
     """
     check_images(x)
     return autocontrast_into(x, torch.empty_like(x))
@@ -45,22 +53,37 @@ def autocontrast_into(x, out):
     return torch.sub(x, low.masked_fill_(flat, 0.0), out=out).div_(span)
 
 
+@torch.no_grad()
 def equalize(x):
     """Equalize the histogram of every channel of every image; matches `ImageOps.equalize(img)`.
 
     Works on the 256 levels PIL sees (`round(255 v)`, rounded so float noise does not drop a
     level), so the output is quantized to multiples of 1/255, including channels PIL leaves
     unchanged (a single value, or fewer than 255 pixels below the channel's maximum).
+
+    NaN pixels have no level: a ValueError (one host sync). Not differentiable: runs under torch.no_grad().
     """
     check_images(x)
+    check_no_nan(x)
     out = torch.empty(x.shape, dtype=_accumulation_dtype(x), device=x.device)
     return equalize_into(x, out).to(x.dtype)
+
+
+def check_no_nan(x, name='x'):
+    """ValueError when the images `x` hold NaN (one host sync; `amax` propagates NaN, one pass, no mask)."""
+    if bool(torch.isnan(x.amax())):
+        count = int(torch.isnan(x).sum())
+        raise ValueError(f"{name} holds {count} NaN pixel value(s) (of {x.numel()}); equalize needs pixel values "
+                         f"in [0, 1]. Find where the NaN comes from (a division by zero, a bad decode), or replace "
+                         f"it with `{name}.nan_to_num(0.)`.")
 
 
 def equalize_into(x, out, levels=None):
     """`equalize(x)` written into the contiguous `out` (x's dtype, or float32 for half `x`), which may be `x` itself.
 
-    `levels` is an optional int32 buffer of x's shape for the levels (no checks: the AugMix apply path).
+    `levels` is an optional int32 buffer of x's shape for the levels (no checks: the AugMix apply path). No
+    input crashes it: a NaN pixel, which has no level, counts as some level in 0..255 and never as an index
+    outside the histogram (on CUDA that would be a device-side assert, which ends the process).
     """
     batch, channels, height, width = x.shape
     # The scaled levels go through `out`: x is not needed once they are computed.
@@ -68,6 +91,9 @@ def equalize_into(x, out, levels=None):
     if levels is None:
         levels = torch.empty(x.shape, dtype=torch.int32, device=x.device)
     levels.copy_(scaled)  # truncation: floor(255 v + 0.5), PIL's level
+    # clamp keeps NaN, whose conversion to int is whatever the hardware gives (INT_MIN on x86, 0 on CUDA):
+    # clamping the integers too (one int32 pass, no sync) makes every level a valid bin.
+    levels.clamp_(0, 255)
     # One histogram for the whole batch: channel k of the batch counts into bins [256 k, 256 k + 256).
     offsets = torch.arange(0, batch * channels * 256, 256, dtype=torch.int32, device=x.device)
     flat_index = levels.add_(offsets.view(batch, channels, 1, 1)).view(-1)
@@ -134,11 +160,14 @@ def posterize_step(bits):
     return torch.exp2(8 - bits)
 
 
+@torch.no_grad()
 def posterize(x, bits):
     """Keep the top `bits` (1..8) bits of every 8-bit level; matches `ImageOps.posterize(img, bits)`.
 
     PIL keeps `level & ~(2 ** (8 - bits) - 1)`, i.e. `floor(level / step) * step`. With
     `level = round(255 v)` that is `floor((255 v + 0.5) / step) * step`.
+
+    Not differentiable: runs under torch.no_grad().
     """
     check_images(x)
     step = _posterize_step(bits, x)
@@ -152,6 +181,7 @@ def posterize_into(x, step, out):
     return torch.mul(x, 255.0 / step, out=out).add_(0.5 / step).floor_().mul_(step / 255.0)
 
 
+@torch.no_grad()
 def solarize(x, threshold):
     """Invert pixels at or above `threshold` (0..1 scale); matches `ImageOps.solarize(img, T)` for threshold T / 255.
 
@@ -159,6 +189,8 @@ def solarize(x, threshold):
     level `round(255 v)` is at least `round(255 threshold)`, so float noise from decoding
     normalized images (or float16 rounding) cannot flip a pixel that sits on the threshold.
     A threshold of 256 / 255 (PIL's T = 256) inverts nothing; 0 inverts everything.
+
+    Not differentiable: runs under torch.no_grad().
     """
     check_images(x)
     threshold = solarize_pixel_threshold(per_image(threshold, x, 'threshold', dtype=_accumulation_dtype(x)), x.dtype)
@@ -187,11 +219,14 @@ def _blend(degenerate, x, factor, out=None):
     return torch.lerp(degenerate, x, factor, out=out).clamp_(0.0, 1.0)
 
 
+@torch.no_grad()
 def color(x, factor):
     """Blend every image with its grayscale version; matches `ImageEnhance.Color(img).enhance(factor)`.
 
     The grayscale uses PIL's 'L' conversion weights; a 1-channel image is already gray, so
     PIL (and this kernel) return it unchanged.
+
+    Not differentiable: runs under torch.no_grad().
     """
     check_images(x)
     return color_into(x, per_image(factor, x, 'factor'), None)
@@ -206,11 +241,14 @@ def color_into(x, factor, out):
     return _blend(gray.expand_as(x), x, factor, out)
 
 
+@torch.no_grad()
 def contrast(x, factor):
     """Blend every image with a constant gray at its mean luma; matches `ImageEnhance.Contrast(img).enhance(factor)`.
 
     PIL's gray level is the mean of the 'L' conversion rounded to an integer level
     (`int(mean + 0.5)`), so the mean here is rounded to a multiple of 1/255 too.
+
+    Not differentiable: runs under torch.no_grad().
     """
     check_images(x)
     return contrast_into(x, per_image(factor, x, 'factor'), None)
@@ -228,8 +266,12 @@ def contrast_into(x, factor, out):
     return _blend(mean, x, factor, out)
 
 
+@torch.no_grad()
 def brightness(x, factor):
-    """Scale every image towards black; matches `ImageEnhance.Brightness(img).enhance(factor)` (a blend with 0)."""
+    """Scale every image towards black; matches `ImageEnhance.Brightness(img).enhance(factor)` (a blend with 0).
+
+    Not differentiable: runs under torch.no_grad().
+    """
     check_images(x)
     return brightness_into(x, per_image(factor, x, 'factor'), None)
 
@@ -239,12 +281,15 @@ def brightness_into(x, factor, out):
     return torch.mul(x, factor, out=out).clamp_(0.0, 1.0)
 
 
+@torch.no_grad()
 def sharpness(x, factor):
     """Blend every image with its smoothed version; matches `ImageEnhance.Sharpness(img).enhance(factor)`.
 
     PIL's degenerate image is `ImageFilter.SMOOTH` ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13)
     with the one-pixel border copied unfiltered, so border pixels never change; images
     smaller than 3 x 3 are returned unchanged (Filter.c).
+
+    Not differentiable: runs under torch.no_grad().
     """
     check_images(x)
     return sharpness_into(x, per_image(factor, x, 'factor'), None)

@@ -200,6 +200,29 @@ def test_training_table_shows_loss_parts(dls):
     assert learn.loss_func.last_consistency == 0
 
 
+def test_loss_parts_sum_to_the_epoch_mean_loss_and_train_loss_is_the_smoothed_one(dls):
+    """What the README and LossPartsRecorder say the columns are, checked against the losses of the batches."""
+    class BatchLosses(Callback):
+        order = AugMixCallback.order + 1
+        def before_fit(self): self.losses, self.sizes = [], []
+        def after_loss(self):
+            if self.training:
+                self.losses.append(self.learn.loss.item())
+                self.sizes.append(self.yb[0].shape[0])
+    record = BatchLosses()
+    learn = tiny_learner(dls, cbs=[AugMixCallback(), record])
+    quiet_fit(learn, 1, 1e-2)
+    train_loss, train_ce, train_jsd = learn.recorder.values[-1][:3]
+    epoch_mean = np.average(record.losses, weights=record.sizes)
+    assert train_ce + train_jsd == pytest.approx(epoch_mean, rel=1e-5)
+    # fastai's smoothed loss: beta 0.98, debiased, over this epoch's batches
+    smoothed = 0.
+    for loss in record.losses:
+        smoothed = 0.98 * smoothed + 0.02 * loss
+    assert train_loss == pytest.approx(smoothed / (1 - 0.98 ** len(record.losses)), rel=1e-5)
+    assert abs(train_loss - epoch_mean) > 1e-6
+
+
 def test_train_metrics_stay_aligned(dls):
     from fastai.learner import Recorder
     learn = make_learner(dls)
@@ -300,6 +323,30 @@ def test_show_draws_clean_and_views(dls):
         learn.aug_mix.show(n=0)
 
 
+def test_show_labels_each_row_with_its_class(dls, photo_folder):
+    import matplotlib
+    matplotlib.use('Agg')
+    learn = make_learner(dls)
+    fig = learn.aug_mix.show(n=4, dl=dls.valid)  # not shuffled: the first four validation targets
+    targets = dls.valid.one_batch()[1][:4]
+    assert [fig.axes[3 * row].get_ylabel() for row in range(4)] == [dls.vocab[int(t)] for t in targets]
+    assert all(ax.get_ylabel() == '' for i, ax in enumerate(fig.axes) if i % 3)
+    assert 'AugMix' in fig._suptitle.get_text()
+    unlabelled = learn.aug_mix.show(n=2, labels=False)
+    assert all(ax.get_ylabel() == '' for ax in unlabelled.axes)
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from torch.utils.data import TensorDataset
+    regression = DataLoaders(*[DataLoader(TensorDataset(torch.rand(16, 3, 8, 8), torch.rand(16)), bs=8)] * 2)
+    cb = AugMixCallback()
+    cb.learn = None
+    assert all(ax.get_ylabel() == '' for ax in cb.show(n=2, dl=regression.train).axes)
+    with pytest.raises(ValueError, match='labels=True'):
+        cb.show(n=2, dl=regression.train, labels=True)
+    with pytest.raises(TypeError, match='labels'):
+        cb.show(n=2, labels='yes')
+
+
 def test_fill_none_is_the_dataset_mean(dls):
     cb = AugMixCallback()
     cb.dls_normalize = find_normalize(dls.train)
@@ -328,6 +375,139 @@ def test_custom_augment_replaces_augmix(dls):
     bad = make_learner(dls, cbs=AugMixCallback(augment=lambda p: p[:, :1]))
     with pytest.raises(ValueError, match='augment must return'):
         bad.fit(1, 1e-3)
+
+
+def tiny_learner(dls, cbs=None, loss_func=None, **kwargs):
+    """A Learner with a four-filter CNN: fits in a fraction of a second, exports in a few KB."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    return Learner(dls, model, loss_func=loss_func or JsdCrossEntropy(), metrics=accuracy,
+                   cbs=cbs if cbs is not None else AugMixCallback(), **kwargs)
+
+
+def quiet_fit(learn, *args, **kwargs):
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(*args, **kwargs)
+
+
+def test_custom_augment_output_that_the_caller_keeps_is_never_modified(dls):
+    kept = {}
+
+    def constant_grey(pixels):  # returns the same tensor every batch, as a cache or a constant would
+        return kept.setdefault(pixels.shape, torch.full_like(pixels, 0.5))
+    probe = Probe()
+    learn = tiny_learner(dls, cbs=[AugMixCallback(augment=constant_grey), probe])
+    quiet_fit(learn, 1, 1e-3)
+    assert kept and all(torch.all(image == 0.5) for image in kept.values())
+    # ... and the model still got the grey views normalized like the clean images
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in imagenet_stats)
+    torch.testing.assert_close(probe.first_blocks[0][BS:], ((0.5 - mean) / std).expand(2 * BS, 3, 32, 32))
+
+
+@pytest.mark.parametrize('make_view', [
+    lambda pixels: pixels.flip(-1).double(),                     # float64
+    lambda pixels: pixels.flip(-1).half(),                       # float16
+    lambda pixels: pixels.flip(-1).clone().requires_grad_(),     # a tensor that requires grad
+    lambda pixels: nn.Parameter(pixels.flip(-1).clone()),        # a parameter the augment keeps
+], ids=['float64', 'float16', 'requires_grad', 'parameter'])
+def test_custom_augment_output_dtype_and_grad_are_made_the_batchs(dls, make_view):
+    probe = Probe()
+    clean = []
+
+    class Clean(Callback):
+        order = AugMixCallback.order - 1
+        def before_batch(self):
+            if self.training: clean.append(self.xb[0].clone())
+    learn = tiny_learner(dls, cbs=[AugMixCallback(augment=make_view), probe, Clean()])
+    quiet_fit(learn, 1, 1e-3)
+    stacked = probe.first_blocks[0]
+    assert stacked.dtype == torch.float32 and not stacked.requires_grad
+    torch.testing.assert_close(stacked[BS:2 * BS], clean[0].flip(-1), atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize('make_view, error, words', [
+    (lambda pixels: torch.empty_like(pixels, device='meta'), ValueError, ['device', 'meta', 'cpu']),
+    (lambda pixels: (pixels * 255).to(torch.uint8), TypeError, ['uint8', '/ 255']),
+], ids=['other_device', 'uint8'])
+def test_custom_augment_output_on_another_device_or_integer_is_refused(dls, make_view, error, words):
+    learn = tiny_learner(dls, cbs=AugMixCallback(augment=make_view))
+    with pytest.raises(error) as info:
+        quiet_fit(learn, 1, 1e-3)
+    for word in words:
+        assert word in str(info.value)
+
+
+def _tensors_in(state):
+    """The names of the entries of a pickled state that hold tensors (directly or in a tuple)."""
+    return [name for name, value in state.items()
+            if isinstance(value, torch.Tensor) or (isinstance(value, tuple) and any(isinstance(v, torch.Tensor)
+                                                                                    for v in value))]
+
+
+@pytest.mark.parametrize('fault', [CancelFitException, RuntimeError, KeyboardInterrupt])
+def test_a_fit_ended_before_after_loss_exports_no_batch(dls, tmp_path, fault):
+    class Fault(Callback):
+        def after_pred(self):
+            if self.training: raise fault('injected fault')
+    fresh = tiny_learner(dls, path=tmp_path)
+    fresh.export('fresh.pkl')
+    learn = tiny_learner(dls, path=tmp_path)
+    if fault is CancelFitException:
+        quiet_fit(learn, 1, 1e-3, cbs=Fault())
+        assert learn.aug_mix.clean_xb is None and learn.aug_mix.clean_yb is None
+    else:
+        with pytest.raises(fault):
+            quiet_fit(learn, 1, 1e-3, cbs=Fault())
+    assert _tensors_in(learn.aug_mix.__getstate__()) == []
+    assert _tensors_in(learn.loss_parts_recorder.__getstate__()) == []
+    learn.export('ended.pkl')
+    batch_bytes = BS * 3 * 32 * 32 * 4
+    # A few hundred bytes of fastai's own bookkeeping (epoch, iter, recorder) differ; a batch would be 100 KB.
+    assert (tmp_path / 'ended.pkl').stat().st_size - (tmp_path / 'fresh.pkl').stat().st_size < batch_bytes / 20
+    loaded = load_learner(tmp_path / 'ended.pkl')
+    assert getattr(loaded.aug_mix, 'clean_xb', None) is None and getattr(loaded.aug_mix, 'clean_yb', None) is None
+    quiet_fit(learn, 1, 1e-3)  # and the callback trains normally again
+    assert np.isfinite(learn.recorder.values[-1]).all()
+
+
+def test_one_callback_shared_by_two_learners_trains_each_learner_it_fits(dls):
+    shared = AugMixCallback()
+    probes = [Probe(), Probe()]
+    first = tiny_learner(dls, cbs=[shared, probes[0]])
+    second = tiny_learner(dls, cbs=[shared, probes[1]])  # both built before either fits
+    for learn, probe in ((first, probes[0]), (second, probes[1]), (first, probes[0])):
+        quiet_fit(learn, 1, 1e-3)
+        assert shared.learn is learn
+        assert set(probe.model_rows) == {3 * BS} and set(probe.after_loss_rows) == {(BS, BS, BS)}
+        names = list(learn.recorder.metric_names)
+        assert names[1:4] == ['train_loss', 'train_ce', 'train_jsd']
+        assert len(learn.recorder.values[-1]) == len(names) - 2
+    assert list(second.recorder.metric_names)[1:4] == ['train_loss', 'train_ce', 'train_jsd']
+    first.remove_cb(shared)
+    quiet_fit(first, 1, 1e-3)  # no AugMix any more: plain rows, no loss-parts columns
+    assert set(probes[0].model_rows) == {BS} and 'train_ce' not in first.recorder.metric_names
+    assert not any(isinstance(cb, LossPartsRecorder) for cb in first.cbs)
+    quiet_fit(second, 1, 1e-3)  # the other Learner keeps it
+    assert set(probes[1].model_rows) == {3 * BS} and 'train_ce' in second.recorder.metric_names
+
+
+def test_fit_cbs_adds_and_removes_the_callback_with_its_companions(dls):
+    learn = tiny_learner(dls, cbs=[])
+    kinds = sorted(type(cb).__name__ for cb in learn.cbs)
+    probe = Probe()
+    learn.add_cb(probe)
+    quiet_fit(learn, 1, 1e-3, cbs=AugMixCallback())
+    assert set(probe.model_rows) == {3 * BS}
+    learn.remove_cb(probe)
+    assert sorted(type(cb).__name__ for cb in learn.cbs) == kinds
+
+
+def test_two_augmix_callbacks_on_one_learner_are_refused(dls):
+    learn = tiny_learner(dls, cbs=[AugMixCallback(), AugMixCallback(num_splits=2)])
+    with pytest.raises(ValueError, match=r'2 AugMixCallbacks.*remove'):
+        quiet_fit(learn, 1, 1e-3)
+    learn = tiny_learner(dls)
+    with pytest.raises(ValueError, match='AugMixCallbacks'):
+        quiet_fit(learn, 1, 1e-3, cbs=AugMixCallback())
 
 
 def test_without_normalize_the_batch_is_already_pixels(photo_folder):

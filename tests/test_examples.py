@@ -3,7 +3,9 @@
 The quick modes train for seconds, so these tests check that the scripts work end to end and write
 what they promise (tables, figures, one-line errors), not what accuracy they reach.
 """
+import importlib.util
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -113,6 +115,64 @@ def test_quickstart_quick_writes_table_csv_and_figures(tmp_path):
     figures_line = next(line for line in result.stdout.splitlines() if line.startswith('Figures: '))
     assert str(out / 'augmix_batch.png') in figures_line
     assert not (tmp_path / 'models').exists(), 'lr_find left files outside --out'
+    assert not (out / 'models').exists(), 'lr_find left its (empty) models/ folder in --out'
+
+
+def load_example(name):
+    """examples/`name`.py imported as a module (its main() is not run), to test its functions."""
+    spec = importlib.util.spec_from_file_location(f'example_{name}', EXAMPLES / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def quickstart():
+    return load_example('quickstart')
+
+
+def tiny_fashion_learner(loss_func, path):
+    """A linear model on 256 images of the bundled Fashion-MNIST sample: lr_find takes a second."""
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from torch import nn
+    from fastai_jsd.data import fashion_dls
+    dls = fashion_dls(size=28, bs=32, channels=1, seed=0)
+    dls = DataLoaders(dls.train.new(n=256), dls.valid.new(n=64))
+    return Learner(dls, nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)), loss_func=loss_func, path=path)
+
+
+def test_quickstart_lr_find_leaves_no_models_folder(quickstart, tmp_path):
+    from fastai.losses import CrossEntropyLossFlat
+    learn = tiny_fashion_learner(CrossEntropyLossFlat(), tmp_path)
+    with learn.no_bar():
+        suggestion = quickstart.lr_find_leaving_no_files(learn, num_it=10, show_plot=False)
+    assert suggestion.valley > 0
+    assert list(tmp_path.iterdir()) == [], 'lr_find left files in the Learner\'s path'
+    assert learn.model_dir == 'models'
+
+
+def test_quickstart_lr_find_figure_names_the_model_and_marks_the_rate_used(quickstart, tmp_path):
+    import matplotlib.pyplot as plt
+    from fastai_jsd import AugMixCallback, JsdCrossEntropy
+    learn = tiny_fashion_learner(JsdCrossEntropy(smoothing=0), tmp_path)
+    learn.add_cb(AugMixCallback())
+    with learn.no_bar():
+        used = quickstart.suggested_lr(learn, 'augmix_jsd', tmp_path, quick=True)
+    check_png(tmp_path / 'lr_find_augmix_jsd.png')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['lr_find_augmix_jsd.png']
+    # the figure itself, as suggested_lr labels it
+    with learn.no_bar():
+        quickstart.lr_find_leaving_no_files(learn, num_it=10, suggest_funcs=(quickstart.valley,))
+    fig = quickstart.label_lr_find(plt.gcf(), 'AugMix + JSD', quickstart.loss_name(learn.loss_func), 5e-2, used)
+    ax = fig.axes[0]
+    assert ax.get_title() == 'lr_find: AugMix + JSD'
+    assert '12 x Jensen-Shannon' in ax.get_ylabel()
+    marks = [line for line in ax.get_lines() if line.get_label().startswith('used by fit_one_cycle')]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [used, used]
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert f'used by fit_one_cycle: {used:.2g}' in legend and "lr_find's valley suggestion: 0.05" in legend
+    plt.close('all')
 
 
 def test_quickstart_rejects_unknown_arch_before_training(tmp_path):
@@ -136,6 +196,7 @@ def test_imagenette_trains_on_a_local_image_folder(tmp_path):
         check_png(out / name)
     assert 'mean corruption error' in result.stdout
     assert not (folder / 'models').exists(), 'lr_find wrote into the image folder'
+    assert not (out / 'models').exists(), 'lr_find left its (empty) models/ folder in --out'
 
 
 def test_imagenette_unreachable_download_exits_with_one_line(tmp_path):
@@ -166,3 +227,64 @@ def test_benchmark_training_quick(tmp_path):
     assert len(row) == 1
     ratio = float(row[0].rstrip(' |').split('|')[-1])
     assert ratio > 0.5  # AugMix + JSD cannot cost much less than the plain run on the same 3B images
+
+
+# --- the READMEs: what a newcomer reads first -------------------------------------------------------------------------
+
+ROOT = EXAMPLES.parent
+
+
+def markdown_section(path, heading):
+    """The text of the markdown section `heading` (e.g. '## Usage') of `path`, up to the next heading of its level."""
+    text = path.read_text()
+    level = heading.split()[0]
+    start = text.index(f'\n{heading}\n') + 1
+    following = [i for i in (text.find(f'\n{level} ', start + 1),) if i != -1]
+    return text[start:min(following)] if following else text[start:]
+
+
+def python_blocks(markdown):
+    return re.findall(r'```python\n(.*?)```', markdown, re.S)
+
+
+def test_readme_usage_says_the_snippet_downloads_weights_and_gives_one_that_runs_offline():
+    usage = markdown_section(ROOT / 'README.md', '## Usage')
+    blocks = python_blocks(usage)
+    downloading = [b for b in blocks if 'vision_learner(' in b and 'pretrained=False' not in b]
+    offline = [b for b in blocks if 'vision_learner(' in b and 'pretrained=False' in b]
+    prose = re.sub(r'```.*?```', '', usage, flags=re.S)
+    if downloading:
+        assert 'ImageNet weights' in prose and 'download' in prose and 'pretrained=False' in prose
+    assert offline, 'the Usage section needs a snippet that runs without network'
+    # The offline snippet is complete: it makes its own DataLoaders from data shipped with the package.
+    snippet = offline[0]
+    compile(snippet, 'README Usage', 'exec')
+    assert 'fashion_dls(' in snippet and 'dls =' in snippet and 'import' in snippet
+
+
+DURATION = re.compile(r'\b\d+(?:\.\d+)?\s?(?:s|sec|seconds|min|minutes)\b')
+RATIO = re.compile(r'\b(?:\d+(?:\.\d+)?\s?x|twice|three times|\w+ times) (?:as long|the baseline)', re.I)
+
+
+def test_the_quickstart_run_time_and_time_ratio_are_stated_in_one_place():
+    results = markdown_section(ROOT / 'README.md', '## Results')
+    assert len(RATIO.findall(results)) == 1, RATIO.findall(results)
+    assert re.search(r'\d+ min \d+ s in all', results) and re.search(r'Measured\s+20\d\d-\d\d-\d\d', results)
+    # examples/README.md refers to it instead of stating figures of its own (other configurations' tables aside).
+    quickstart_doc = markdown_section(EXAMPLES / 'README.md', '## quickstart.py')
+    prose = '\n'.join(line for line in quickstart_doc.splitlines() if not line.startswith('| `--arch'))
+    assert DURATION.findall(prose) == [] and RATIO.findall(prose) == []
+    assert '../README.md#results' in quickstart_doc
+    listing = (EXAMPLES / 'README.md').read_text().split('## quickstart.py')[0]
+    assert DURATION.findall(listing) == []
+    docstring = (EXAMPLES / 'quickstart.py').read_text().split('"""')[1]
+    assert DURATION.findall(docstring) == [] and 'README' in docstring
+
+
+def test_readme_says_what_the_training_table_columns_are():
+    features = markdown_section(ROOT / 'README.md', '## What each fastai feature does with the plugin')
+    row = next(line for line in features.splitlines() if line.startswith('| training table'))
+    for phrase in ('`train_ce`', '`train_jsd`', 'mean', 'smoothed', 'not `train_ce + train_jsd`'):
+        assert phrase in row, phrase
+    from fastai_jsd.callback import LossPartsRecorder
+    assert 'smoothed' in LossPartsRecorder.__doc__ and 'train_ce + train_jsd' in LossPartsRecorder.__doc__

@@ -371,3 +371,52 @@ def test_check_images_names_the_argument():
     ops.check_images(torch.zeros(2, 1, 3, 3))
     with pytest.raises(ValueError, match='images'):
         ops.check_images(torch.zeros(2, 2, 3, 3), name='images')
+
+
+# --- not differentiable: the public ops run without autograd ---------------------------------------------------------
+
+
+@pytest.mark.parametrize('op_name', list(CALLS))
+def test_input_that_requires_grad_is_accepted_and_the_output_does_not(photos, op_name):
+    x = photos['rgb37x53']
+    leaf = x.clone().requires_grad_()
+    out = CALLS[op_name](leaf)
+    assert not out.requires_grad and out.grad_fn is None
+    assert torch.equal(out, CALLS[op_name](x))
+    kernel = getattr(ops, op_name)
+    assert 'not differentiable' in kernel.__doc__.lower() and 'no_grad' in kernel.__doc__
+
+
+def test_ops_inside_a_graph_do_not_join_it(photos):
+    """A non-leaf input (the output of a layer) gives an output with no grad_fn, so backward cannot reach it."""
+    weight = torch.ones(1, requires_grad=True)
+    x = photos['rgb37x53'] * weight
+    for op_name, call in CALLS.items():
+        assert call(x).grad_fn is None, op_name
+
+
+# --- NaN pixels: equalize counts levels, and NaN has none -----------------------------------------------------------
+
+
+def test_equalize_refuses_nan_pixels_with_a_clear_message(photos):
+    x = photos['rgb37x53'].clone()
+    x[1, 2, 5, 7] = float('nan')
+    x[2, 0, 0, 0] = float('nan')
+    with pytest.raises(ValueError) as info:
+        ops.equalize(x)
+    message = str(info.value)
+    assert 'NaN' in message and '2 NaN' in message and 'nan_to_num' in message
+    assert 'tensor(' not in message
+
+
+def test_equalize_into_keeps_nan_inside_the_histogram(photos):
+    """The AugMix apply path does not check (no host sync): NaN must land in a valid bin, not crash or spill over."""
+    x = photos['rgb37x53'].clone()
+    x[1, 2, 5, 7] = float('nan')
+    x[1, 2, 6, 7] = float('nan')
+    out = ops.equalize_into(x, torch.empty_like(x))
+    assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+    # Every other image and channel is equalized exactly as without the NaN: nothing spilled into their bins.
+    clean = ops.equalize(photos['rgb37x53'])
+    assert torch.equal(out[[0, 2, 3]], clean[[0, 2, 3]])
+    assert torch.equal(out[1, :2], clean[1, :2])

@@ -359,3 +359,29 @@ def test_bad_matrix_is_refused():
         warp_affine(x, torch.eye(3, dtype=torch.int64)[None])
     with pytest.raises(TypeError, match='matrix'):
         warp_affine(x, [[1, 0, 0], [0, 1, 0]])
+
+
+GEOMETRIC_CALLS = {
+    'rotate': lambda x: rotate(x, 17.),
+    'shear_x': lambda x: shear_x(x, 0.21),
+    'shear_y': lambda x: shear_y(x, -0.13),
+    'translate_x': lambda x: translate_x(x, 3),
+    'translate_x_fractional': lambda x: translate_x(x, 2.5),
+    'translate_y': lambda x: translate_y(x, -4),
+    'translate_y_fractional': lambda x: translate_y(x, -1.5),
+    'warp_affine': lambda x: warp_affine(x, shear_x_matrix(0.1) @ translate_y_matrix(2)),
+}
+
+
+@pytest.mark.parametrize('name', list(GEOMETRIC_CALLS))
+def test_input_that_requires_grad_is_accepted_and_the_output_does_not(name):
+    x = photos(37, 53)
+    for source in (x.clone().requires_grad_(), x * torch.ones(1, requires_grad=True)):  # a leaf, a graph node
+        out = GEOMETRIC_CALLS[name](source)
+        assert not out.requires_grad and out.grad_fn is None
+        torch.testing.assert_close(out, GEOMETRIC_CALLS[name](x), rtol=0, atol=0)
+
+
+def test_geometric_docstrings_say_they_run_without_autograd():
+    for kernel in (rotate, shear_x, shear_y, translate_x, translate_y, warp_affine):
+        assert 'autograd' in kernel.__doc__ or 'no_grad' in kernel.__doc__, kernel.__name__
