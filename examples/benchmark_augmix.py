@@ -28,7 +28,7 @@ from PIL import Image
 from timm.data.auto_augment import AugMixAugment, augmix_ops
 from torchvision.transforms import v2
 
-from fastai_jsd.augmix import augmix
+from fastai_jsd import augmix
 
 # timm's names of the paper's 9 ops (its default list adds Color, Contrast, Brightness, Sharpness).
 PAPER_OPS_TIMM = ['AutoContrast', 'Equalize', 'PosterizeIncreasing', 'Rotate', 'SolarizeIncreasing',

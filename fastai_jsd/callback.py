@@ -20,7 +20,7 @@ from fastai.data.transforms import Normalize
 from fastai.learner import Recorder
 from fastai.torch_core import num_distrib, rank_distrib, retain_type
 
-from fastai_jsd.augmix import BACKENDS, augmix, check_augmix_args
+from fastai_jsd.augment import BACKENDS, augmix, check_augmix_args
 
 __all__ = ['AugMixCallback', 'LossPartsRecorder', 'FollowFittingLearner', 'split_batchnorm', 'find_normalize']
 
@@ -189,7 +189,7 @@ class AugMixCallback(Callback):
     maps a pixel batch in [0, 1] to an augmented batch of the same shape. `fill=None` fills uncovered
     areas of rotate/shear/translate with the dataset mean colour (zero after normalization, as timm).
     `backend` picks the AugMix kernels: None = Triton's fused kernels for CUDA batches (no host sync),
-    torch's otherwise; 'torch' or 'triton' to choose (see `fastai_jsd.augmix.apply_augmix`).
+    torch's otherwise; 'torch' or 'triton' to choose (see `fastai_jsd.augment.apply_augmix`).
     """
     # After MixUp/CutMix (order 0) so they mix first; before GradientAccumulation (6), which counts
     # `yb` rows in `after_loss`, and before MixedPrecision (10), so AugMix runs outside autocast in float32.

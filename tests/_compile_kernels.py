@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastai_jsd import triton_apply
+from fastai_jsd.augment import triton_apply
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas')
 TYPES = {'op_ptr': '*i64', 'argument_ptr': '*fp64', 'weight_ptr': '*fp64', 'blend_ptr': '*fp64', 'buffer_ptr': '*fp32',

@@ -10,8 +10,8 @@ from PIL import Image, ImageEnhance, ImageOps
 from torchvision.transforms import v2
 
 from _images import photo_crops, to_grayscale, to_tensor
-from fastai_jsd import geometry, ops
-from fastai_jsd.augmix import (NO_OP, OP_NAMES, OPS, PAPER_OP_COUNT, AugMixParams, apply_augmix, augmix,
+from fastai_jsd.augment import geometry, ops, torch_apply
+from fastai_jsd.augment import (NO_OP, OP_NAMES, OPS, PAPER_OP_COUNT, AugMixParams, apply_augmix, augmix,
                                sample_augmix)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -302,12 +302,10 @@ def test_grayscale_images(crops):
 
 def test_blocks_do_not_change_the_result(monkeypatch):
     """On CPU the batch runs in memory-sized blocks; any block size gives the same images."""
-    # fastai_jsd.augmix the attribute is the function (the package re-exports it): take the module.
-    augmix_module = sys.modules[apply_augmix.__module__]
     x = to_tensor(photo_crops(13, 20, 20, seed=6))
     params = sample_augmix(13, 20, 20, generator=torch.Generator().manual_seed(3))
     whole = apply_augmix(x, params)
-    monkeypatch.setattr(augmix_module, '_CPU_BLOCK_BYTES', 3 * 3 * 20 * 20 * 4 * 2)  # 2 images per block
+    monkeypatch.setattr(torch_apply, '_CPU_BLOCK_BYTES', 3 * 3 * 20 * 20 * 4 * 2)  # 2 images per block
     torch.testing.assert_close(apply_augmix(x, params), whole, atol=0, rtol=0)
 
 
@@ -323,12 +321,10 @@ def test_fractional_translations_in_params_are_interpolated(crops):
 
 def test_mixing_at_the_end_equals_mixing_each_chain_after_its_last_op(monkeypatch):
     """CPU mixes a chain in right after its last op; other devices after all steps (the CUDA path, run on CPU)."""
-    # fastai_jsd.augmix the attribute is the function (the package re-exports it): take the module.
-    augmix_module = sys.modules[apply_augmix.__module__]
     x = to_tensor(photo_crops(20, 18, 26, seed=13))
     params = sample_augmix(20, 18, 26, severity=8, width=4, all_ops=True, generator=torch.Generator().manual_seed(4))
     early = apply_augmix(x, params, 0.3)
-    monkeypatch.setattr(augmix_module, '_mixes_early', lambda device: False)
+    monkeypatch.setattr(torch_apply, '_mixes_early', lambda device: False)
     torch.testing.assert_close(apply_augmix(x, params, 0.3), early, atol=1e-6, rtol=0)
 
 
@@ -534,10 +530,11 @@ def test_valid_hand_made_params_pass_the_checks():
 
 def test_sampled_params_skip_the_value_checks(monkeypatch):
     """The checks cost a host sync on a GPU: params drawn by sample_augmix are valid by construction."""
-    augmix_module = sys.modules[apply_augmix.__module__]
+    augment = sys.modules[apply_augmix.__module__]  # fastai_jsd.augment, where apply_augmix looks the check up
+
     def refuse(params):
         raise AssertionError('sampled params were checked')
-    monkeypatch.setattr(augmix_module, 'check_param_values', refuse)
+    monkeypatch.setattr(augment, 'check_param_values', refuse)
     x = torch.rand(3, 3, 8, 8)
     augmix(x)
     apply_augmix(x, sample_augmix(3, 8, 8).to('cpu'))

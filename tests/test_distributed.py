@@ -25,7 +25,7 @@ from timm.layers import SplitBatchNorm2d
 from torch import nn
 
 from _images import photo_crops, to_tensor
-from fastai_jsd.augmix import augmix
+from fastai_jsd.augment import augmix
 from fastai_jsd.callback import AugMixCallback, check_split_bn_without_sync_bn, rank_seed, split_batchnorm
 from fastai_jsd.data import fashion_dls
 from fastai_jsd.loss import JsdCrossEntropy

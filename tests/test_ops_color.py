@@ -5,7 +5,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from _images import from_pil, photo_crops, to_grayscale, to_pil, to_tensor
-from fastai_jsd import ops
+from fastai_jsd.augment import ops
 
 LEVEL = 1 / 255
 POINT_TOLERANCE = LEVEL + 1e-6    # autocontrast, equalize, posterize, solarize

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from _images import from_pil, photo_crops, to_grayscale, to_pil, to_tensor
-from fastai_jsd.geometry import (rotate, rotation_matrix, shear_x, shear_x_matrix, shear_y, shear_y_matrix,
+from fastai_jsd.augment.geometry import (rotate, rotation_matrix, shear_x, shear_x_matrix, shear_y, shear_y_matrix,
                                  translate_x, translate_x_matrix, translate_y, translate_y_matrix,
                                  warp_affine)
 

@@ -13,15 +13,15 @@ import torch
 
 from _images import photo_crops, to_grayscale, to_tensor
 from fastai_jsd import AugMixCallback
-from fastai_jsd.augmix import NO_OP, OP_NAMES, AugMixParams, apply_augmix, augmix, op_set, sample_augmix
+from fastai_jsd.augment import (NO_OP, OP_NAMES, AugMixParams, apply_augmix, augmix, backends, op_set, resolve_backend,
+                                sample_augmix, sampling)
 
-augmix_module = sys.modules[apply_augmix.__module__]  # the package's `augmix` attribute is the function
-triton_apply = pytest.importorskip('fastai_jsd.triton_apply', reason='Triton is not installed')
+triton_apply = pytest.importorskip('fastai_jsd.augment.triton_apply', reason='Triton is not installed')
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 LEVEL = 1 / 255
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 pytestmark = pytest.mark.skipif(
-    DEVICE == 'cpu' and not augmix_module._triton_interprets(triton_apply),
+    DEVICE == 'cpu' and not backends.triton_interprets(triton_apply),
     reason='Triton was imported before TRITON_INTERPRET=1 was set, so its kernels need a GPU')
 
 
@@ -42,6 +42,10 @@ def single_op_params(names_and_arguments):
     argument = torch.tensor([value for _, value in names_and_arguments], dtype=torch.float64)
     return AugMixParams(torch.ones(count, 1), torch.ones(count), index.view(count, 1, 1),
                         argument.view(count, 1, 1)).to(DEVICE)
+
+
+def test_the_kernels_number_the_ops_as_the_sampler_does():
+    assert triton_apply.OP_ORDER == OP_NAMES
 
 
 # Three arguments per op: typical, extreme and hand-made values sample_augmix never draws
@@ -152,7 +156,7 @@ def test_fused_sampler_equals_the_torch_sampler(geometric, all_ops):
     level = torch.rand(shape, generator=generator, dtype=torch.float64).mul_(10 - 0.1).add_(0.1).to(DEVICE)
     sign_draw = torch.rand(shape, generator=generator, dtype=torch.float64).to(DEVICE)
     depth = torch.randint(1, 5, shape[:2], generator=generator).to(DEVICE)
-    expected = augmix_module._arguments(slot, level, sign_draw > 0.5, depth, allowed, 37, 224)
+    expected = sampling._arguments(slot, level, sign_draw > 0.5, depth, allowed, 37, 224)
     fused = triton_apply.sample_arguments(slot, level, sign_draw, depth, 37, 224, geometric)
     assert torch.equal(fused[0], expected[0])
     assert torch.equal(fused[1], expected[1])
@@ -205,7 +209,7 @@ def test_kernels_compile_for_a_gpu_within_their_register_budget():
 # Choosing the backend.
 
 def test_default_backend_is_torch_on_cpu():
-    assert augmix_module.resolve_backend(None, 'cpu') == 'torch'
+    assert resolve_backend(None, 'cpu') == 'torch'
 
 
 def test_unknown_backend_is_refused():
@@ -216,16 +220,16 @@ def test_unknown_backend_is_refused():
 
 
 def test_triton_on_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
-    monkeypatch.setattr(augmix_module, '_triton_interprets', lambda kernels: False)
+    monkeypatch.setattr(backends, 'triton_interprets', lambda kernels: False)
     with pytest.raises(ValueError, match='TRITON_INTERPRET=1'):
         augmix(torch.rand(2, 3, 8, 8), backend='triton')
 
 
 def test_without_triton_cuda_falls_back_to_torch_and_triton_is_refused(monkeypatch):
-    monkeypatch.setattr(augmix_module, '_TRITON', [ImportError('No module named triton')])
-    assert augmix_module.resolve_backend(None, 'cuda') == 'torch'
+    monkeypatch.setattr(backends, '_TRITON', [ImportError('No module named triton')])
+    assert resolve_backend(None, 'cuda') == 'torch'
     with pytest.raises(ValueError, match='did not import'):
-        augmix_module.resolve_backend('triton', 'cpu')
+        resolve_backend('triton', 'cpu')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,9 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Circular if ops.py re-exports this module's kernels at import time: ops.py must define these
-# two before it imports from here (or they move to a module of their own).
-from fastai_jsd._checks import check_images, per_image
+from fastai_jsd.augment._checks import check_images, per_image
 
 
 def _matrix_dtype(device):

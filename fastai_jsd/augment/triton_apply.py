@@ -1,6 +1,6 @@
 """AugMix as fused Triton kernels: every chain step of the whole batch in two launches, no host sync.
 
-The torch backend (augmix.py) sorts chains by op and runs one kernel per op group, which suits a CPU
+The torch backend (torch_apply.py) sorts chains by op and runs one kernel per op group, which suits a CPU
 cache and costs a GPU hundreds of launches and a host sync per call. Here every program reads its own
 chain's op and argument from the `AugMixParams` tensors and branches on them (a branch that is uniform
 across the program, so no divergence), and a step is:
@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Op indices, as in augmix.OP_NAMES (checked there at import).
+# Op indices, as in sampling.OP_NAMES (tests/test_triton.py checks the order).
 AUTOCONTRAST = tl.constexpr(0)
 EQUALIZE = tl.constexpr(1)
 POSTERIZE = tl.constexpr(2)
