@@ -341,7 +341,7 @@ def _step_kernel(op_ptr, argument_ptr, weight_ptr, blend_ptr, x_ptr, buffer_ptr,
     mixed_blue = tl.zeros([BLOCK], tl.float32)
     blend = tl.zeros([], tl.float32)
     if LAST:
-        # the torch path's mix (augmix._apply_block): x (1 - m), then + m w_i chain_i, chain after chain
+        # the torch path's mix (torch_apply._apply_block): x (1 - m), then + m w_i chain_i, chain after chain
         blend = tl.load(blend_ptr + image).to(tl.float32)
         clean = x_ptr + image.to(tl.int64) * x_stride_b
         mixed_red = _load_pixels(clean, x_stride_c, x_stride_h, x_stride_w, 0, row, col, mask) * (1 - blend)
@@ -394,7 +394,7 @@ def _pixel_block(pixels, most):
 def apply_augmix(x, params, fill):
     """AugMix of `x` (float `[B, C, H, W]`) with `params` and the `[C]` float32 fill colour, in 2 launches per step.
 
-    Inputs are checked by `augmix.apply_augmix`; `params` must be on x's device.
+    Inputs are checked by `fastai_jsd.augment.apply_augmix`; `params` must be on x's device.
     """
     batch, channels, height, width = x.shape
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -436,9 +436,9 @@ def _arguments_kernel(slot_ptr, level_ptr, sign_draw_ptr, depth_ptr, op_ptr, arg
     negate = tl.load(sign_draw_ptr + offsets, mask=mask, other=0.) > 0.5
     depth = tl.load(depth_ptr + offsets // steps, mask=mask, other=0)
     op = slot
-    if not GEOMETRIC:  # slots 0..7 of augmix.op_set(geometric=False): ops 0, 1, 2, 4, 9, 10, 11, 12
+    if not GEOMETRIC:  # slots 0..7 of sampling.op_set(geometric=False): ops 0, 1, 2, 4, 9, 10, 11, 12
         op = slot + (slot >= 3).to(slot.dtype) + 4 * (slot >= 4).to(slot.dtype)
-    # augmix's level_to_argument functions, operation for operation in float64; 0.3, 1.8, 0.1 as
+    # sampling's level_to_argument functions, operation for operation in float64; 0.3, 1.8, 0.1 as
     # correctly rounded quotients, which are the float64 values of those literals.
     ten = tl.full([], 10, tl.float64)
     argument = tl.zeros_like(level)
