@@ -142,7 +142,7 @@ def benchmark_corruptions_gpu(args):
 
 
 def jpeg_codec_name():
-    from fastai_jsd import robustness
+    from fastai_jsd.robustness import corruptions as robustness
     own_stream = robustness._cuda_jpeg_codec()[2]  # only torchvision's encoder works on its own stream
     return 'torchvision (nvJPEG)' if own_stream else 'TorchCodec (nvJPEG)'
 

@@ -14,7 +14,7 @@ from scipy import ndimage
 from torch import nn
 
 from _images import photo_crops, to_grayscale, to_tensor
-from fastai_jsd import robustness
+from fastai_jsd.robustness import corruptions as robustness
 from fastai_jsd.robustness import (CORRUPTIONS, EXTRA_CORRUPTIONS, SEGMENTATION_CORRUPTIONS, RobustnessResult,
                                    SegmentationRobustnessResult, calibration_error, corrupt, evaluate_robustness,
                                    plot_corruption_errors)
