@@ -142,8 +142,8 @@ def benchmark_corruptions_gpu(args):
 
 
 def jpeg_codec_name():
-    from fastai_jsd import robustness
-    own_stream = robustness._cuda_jpeg_codec()[2]  # only torchvision's encoder works on its own stream
+    from fastai_jsd.robustness import corruptions
+    own_stream = corruptions._cuda_jpeg_codec()[2]  # only torchvision's encoder works on its own stream
     return 'torchvision (nvJPEG)' if own_stream else 'TorchCodec (nvJPEG)'
 
 

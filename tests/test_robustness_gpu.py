@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a C
 
 ALL = CORRUPTIONS + EXTRA_CORRUPTIONS
 SYNC_FREE = tuple(name for name in ALL if name != 'jpeg_compression')  # nvJPEG decodes from host bytes
-# the GPU draws its own Poisson numbers even from a CPU generator (see robustness._poisson)
+# the GPU draws its own Poisson numbers even from a CPU generator (see robustness.filters._poisson)
 SAME_DRAWS = tuple(name for name in SYNC_FREE if name != 'shot_noise')
 SHAPES = [(4, 3, 32, 32), (2, 1, 40, 40), (2, 3, 96, 80)]
 

@@ -1,0 +1,411 @@
+"""evaluate_robustness on tiny fastai Learners (classification and segmentation) and its plot."""
+import math
+import types
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from _images import photo_crops, to_grayscale, to_tensor
+from fastai_jsd.robustness import (CORRUPTIONS, EXTRA_CORRUPTIONS, SEGMENTATION_CORRUPTIONS, RobustnessResult,
+                                   SegmentationRobustnessResult, calibration_error, corrupt, evaluate_robustness,
+                                   plot_corruption_errors)
+
+ALL = CORRUPTIONS + EXTRA_CORRUPTIONS
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------- evaluate_robustness
+
+class TinyNet(nn.Module):
+    """A small CNN that records whether it ran in training mode."""
+
+    def __init__(self, channels=3):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten(), nn.Linear(16, 2))
+        self.modes = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return self.body(x)
+
+
+def make_dls(n_valid=24, normalize=True, size=32, n_train=8):
+    from fastai.vision.all import (CategoryBlock, DataBlock, ImageBlock, IndexSplitter, Normalize, PILImage,
+                                   imagenet_stats)
+    n = n_train + n_valid
+    photos = photo_crops(n, size, size, seed=21)
+    block = DataBlock(blocks=(ImageBlock, CategoryBlock),
+                      get_x=lambda i: PILImage.create(photos[i]),
+                      get_y=lambda i: i % 2,  # which of the two photos the crop comes from
+                      splitter=IndexSplitter(list(range(n_train, n))),
+                      batch_tfms=[Normalize.from_stats(*imagenet_stats, cuda=False)] if normalize else None)
+    return block.dataloaders(list(range(n)), bs=16, device='cpu')
+
+
+def make_learner(dls, seed=0):
+    from fastai.vision.all import CrossEntropyLossFlat, Learner
+    torch.manual_seed(seed)
+    return Learner(dls, TinyNet(), loss_func=CrossEntropyLossFlat())
+
+
+@pytest.fixture(scope='module')
+def dls():
+    return make_dls()
+
+
+def manual_errors(learn, corruptions, severities, seed):
+    """The documented procedure by hand: decode, corrupt (batches outer), encode, classify."""
+    mean, std = [torch.as_tensor(v).view(1, 3, 1, 1) for v in
+                 (learn.dls.after_batch.fs[-1].mean, learn.dls.after_batch.fs[-1].std)]
+    generator = seeded(seed)
+    wrong = {}
+    learn.model.eval()
+    with torch.no_grad():
+        for xb, yb in learn.dls.valid:
+            pixels = (torch.as_tensor(xb).as_subclass(torch.Tensor) * std + mean).clamp(0, 1)
+            for name in corruptions:
+                for severity in severities:
+                    images = corrupt(pixels, name, severity, generator)
+                    logits = learn.model((images - mean) / std)
+                    wrong.setdefault((name, severity), []).append(logits.argmax(-1) != yb.as_subclass(torch.Tensor))
+    return {key: float(torch.cat(v).float().mean()) for key, v in wrong.items()}
+
+
+def test_evaluate_robustness_matches_get_preds_and_manual_corruption(dls):
+    learn = make_learner(dls)
+    learn.model.train()
+    corruptions, severities = ('gaussian_noise', 'contrast', 'pixelate'), (2, 5)
+    result = evaluate_robustness(learn, corruptions=corruptions, severities=severities,
+                                 generator=seeded(3), show_progress=False)
+    assert isinstance(result, RobustnessResult)
+    assert learn.model.training and learn.model.modes and not any(learn.model.modes)  # eval inside, restored
+    assert all(p.grad is None for p in learn.model.parameters())
+    probs, targets = learn.get_preds(dl=learn.dls.valid)
+    assert result.clean_error == pytest.approx(float((probs.argmax(-1) != targets).float().mean()))
+    assert result.clean_calibration == pytest.approx(
+        calibration_error(probs.max(-1).values, probs.argmax(-1) == targets), abs=1e-6)
+    table = result.table
+    assert list(table.columns) == ['corruption', 'severity', 'error', 'rms_calibration_error']
+    assert list(zip(table.corruption, table.severity)) == [(c, s) for c in corruptions for s in severities]
+    expected = manual_errors(learn, corruptions, severities, seed=3)
+    for row in table.itertuples():
+        assert row.error == pytest.approx(expected[(row.corruption, row.severity)])
+    assert result.mean_corruption_error == pytest.approx(table.error.mean())
+    assert result.corrupted_calibration == pytest.approx(table.rms_calibration_error.mean())
+    assert result.mce is None and result.relative_mce is None
+    assert set(result.per_corruption().index) == set(corruptions)
+    assert 'clean_error' in repr(result) and result.summary()['clean_error'] == result.clean_error
+
+
+def test_evaluate_robustness_keeps_eval_mode_and_restores_after_an_error(dls):
+    learn = make_learner(dls)
+    learn.model.eval()
+    evaluate_robustness(learn, corruptions=('fog',), severities=(1,), show_progress=False)
+    assert not learn.model.training
+    learn.model.train()
+    original = learn.model.forward
+    learn.model.forward = lambda x: original(x)[:, :1].expand(-1, 2)[:1]  # wrong batch size: an error
+    with pytest.raises(ValueError, match='class scores'):
+        evaluate_robustness(learn, corruptions=('fog',), severities=(1,), show_progress=False)
+    assert learn.model.training
+
+
+def test_evaluate_robustness_baseline_learner_and_result(dls):
+    learn, other = make_learner(dls, seed=0), make_learner(dls, seed=1)
+    kwargs = dict(corruptions=('gaussian_noise', 'zoom_blur'), severities=(3, 5), show_progress=False)
+    itself = evaluate_robustness(learn, baseline=learn, generator=seeded(4), **kwargs)
+    degradation = itself.table.groupby('corruption').error.sum() - 2 * itself.clean_error
+    assert itself.mce == pytest.approx(1.0)
+    if (degradation != 0).all():
+        assert itself.relative_mce == pytest.approx(1.0)
+    else:  # a corruption that costs the baseline nothing has no relative error
+        assert math.isnan(itself.relative_mce)
+    with_learner = evaluate_robustness(learn, baseline=other, generator=seeded(4), **kwargs)
+    base = evaluate_robustness(other, generator=seeded(4), **kwargs)
+    with_result = evaluate_robustness(learn, baseline=base, generator=seeded(4), **kwargs)
+    assert with_learner.mce == pytest.approx(with_result.mce)
+    assert with_learner.baseline.table.equals(base.table)
+    own, theirs = with_result.table.set_index(['corruption', 'severity']).error, base.table.set_index(
+        ['corruption', 'severity']).error
+    expected_mce = np.mean([own[c].sum() / theirs[c].sum() for c in kwargs['corruptions']])
+    assert with_result.mce == pytest.approx(expected_mce)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        expected_rel = np.mean([(own[c] - with_result.clean_error).sum() / (theirs[c] - base.clean_error).sum()
+                                for c in kwargs['corruptions']])
+    assert with_result.relative_mce == pytest.approx(expected_rel, nan_ok=True)
+    with pytest.raises(ValueError, match='baseline has no results'):
+        evaluate_robustness(learn, baseline=base, corruptions=('fog',), severities=(1,), show_progress=False)
+
+
+def test_evaluate_robustness_without_normalize_feeds_pixels():
+    plain = make_dls(n_valid=12, normalize=False)
+    learn = make_learner(plain)
+    result = evaluate_robustness(learn, corruptions=('contrast',), severities=(5,), show_progress=False)
+    with torch.no_grad():
+        learn.model.eval()
+        xb, yb = plain.valid.one_batch()
+        pixels = xb.as_subclass(torch.Tensor)
+        assert 0 <= float(pixels.min()) and float(pixels.max()) <= 1
+        wrong = learn.model(corrupt(pixels, 'contrast', 5)).argmax(-1) != yb.as_subclass(torch.Tensor)
+    assert result.table.error[0] == pytest.approx(float(wrong.float().mean()))
+
+
+def test_evaluate_robustness_on_one_channel_images():
+    from fastai.vision.all import (CategoryBlock, CrossEntropyLossFlat, DataBlock, ImageBlock, IndexSplitter,
+                                   Learner, Normalize, PILImageBW)
+    photos = to_grayscale(photo_crops(20, 28, 28, seed=4))  # Fashion-MNIST-like: 28 px, 1 channel
+    block = DataBlock(blocks=(ImageBlock(cls=PILImageBW), CategoryBlock),
+                      get_x=lambda i: PILImageBW.create(photos[i]), get_y=lambda i: i % 2,
+                      splitter=IndexSplitter(list(range(8, 20))),
+                      batch_tfms=Normalize.from_stats([0.5], [0.25], cuda=False))
+    gray_dls = block.dataloaders(list(range(20)), bs=8, device='cpu')
+    torch.manual_seed(0)
+    learn = Learner(gray_dls, TinyNet(channels=1), loss_func=CrossEntropyLossFlat())
+    result = evaluate_robustness(learn, corruptions=ALL, severities=(5,), generator=seeded(), show_progress=False)
+    assert len(result.table) == len(ALL) and result.table.error.between(0, 1).all()
+
+
+def test_evaluate_robustness_bad_input(dls):
+    learn = make_learner(dls)
+    with pytest.raises(ValueError, match='not a known corruption'):
+        evaluate_robustness(learn, corruptions=('haze',), show_progress=False)
+    with pytest.raises(ValueError, match='sequence of names'):
+        evaluate_robustness(learn, corruptions='fog', show_progress=False)
+    with pytest.raises(ValueError, match='severities'):
+        evaluate_robustness(learn, corruptions=('fog',), severities=(0,), show_progress=False)
+    with pytest.raises(ValueError, match='baseline'):
+        evaluate_robustness(learn, corruptions=('fog',), baseline='resnet', show_progress=False)
+    empty = make_learner(make_dls(n_valid=0))
+    with pytest.raises(ValueError, match='validation set is empty'):
+        evaluate_robustness(empty, show_progress=False)
+
+
+def test_evaluate_robustness_without_a_validation_loader_says_so(dls):
+    from fastai.vision.all import CrossEntropyLossFlat, DataLoaders, Learner
+    learn = Learner(DataLoaders(dls.train), TinyNet(), loss_func=CrossEntropyLossFlat())
+    with pytest.raises(ValueError, match='no validation DataLoader.*valid_pct'):
+        evaluate_robustness(learn, corruptions=('fog',), show_progress=False)
+    result = evaluate_robustness(learn, dl=dls.valid, corruptions=('fog',), severities=(1,), show_progress=False)
+    assert len(result.table) == 1  # with dl=..., the training loader's Normalize decodes
+
+
+def test_evaluate_robustness_refuses_nan_batches():
+    broken = make_dls(n_valid=12)
+    broken.valid.after_batch.fs[-1].std = torch.zeros(1, 3, 1, 1)  # a zero std: encoded inf, decoded NaN
+    with pytest.raises(ValueError, match='batch 0 .* NaN pixels'):
+        evaluate_robustness(make_learner(broken), corruptions=('fog',), severities=(1,), show_progress=False)
+
+
+@pytest.mark.slow  # ~1.5 s on a quiet machine, but 600 resnet18 forwards: slow under load
+def test_evaluate_robustness_every_corruption_with_vision_learner_and_progress_bar(capsys):
+    from fastai.vision.all import resnet18, vision_learner
+    small = make_dls(n_valid=8, n_train=4)
+    learn = vision_learner(small, resnet18, pretrained=False)
+    result = evaluate_robustness(learn, generator=seeded())
+    assert len(result.table) == 75 and result.table.error.between(0, 1).all()
+    assert result.table.rms_calibration_error.between(0, 1).all()
+    assert '100.00%' in capsys.readouterr().out  # fastprogress' console bar ran to the end
+
+
+def test_plot_corruption_errors_in_percent_with_a_title(dls):
+    matplotlib.use('Agg')
+    learn = make_learner(dls)
+    kwargs = dict(corruptions=('fog', 'contrast', 'pixelate'), severities=(1, 3), show_progress=False)
+    first, second = evaluate_robustness(learn, **kwargs), evaluate_robustness(make_learner(dls, 2), **kwargs)
+    ax = plot_corruption_errors({'plain': first, 'other': second})
+    assert len(ax.patches) == 2 * 4
+    assert [t.get_text() for t in ax.get_xticklabels()] == ['clean', 'fog', 'contrast', 'pixelate']
+    heights = [p.get_height() for p in ax.patches[:4]]
+    assert heights == pytest.approx([100 * first.clean_error] + list(100 * first.per_corruption().error))
+    assert '%' in ax.get_ylabel() and 'error' in ax.get_ylabel()
+    assert 'Top-1 error (%)' in ax.get_title() and 'severities 1, 3' in ax.get_title()
+    assert plot_corruption_errors(first).get_legend() is not None
+    assert plot_corruption_errors(first, title='Fashion-MNIST').get_title() == 'Fashion-MNIST'
+    with pytest.raises(ValueError, match='RobustnessResult'):
+        plot_corruption_errors({})
+
+
+# ------------------------------------------------------------------------------------ segmentation
+
+CODES = ['dark', 'mid', 'bright']
+
+
+def make_segmentation_dls(n_valid=12, n_train=4, size=32, ignore_label=None):
+    """Photo crops with 3-class masks (brightness terciles); `ignore_label` marks the left 4 columns."""
+    from fastai.vision.all import (DataBlock, ImageBlock, IndexSplitter, MaskBlock, Normalize, PILImage, PILMask,
+                                   imagenet_stats)
+    n = n_train + n_valid
+    photos = photo_crops(n, size, size, seed=31)
+    gray = to_grayscale(photos)
+    masks = np.digitize(gray, np.quantile(gray, [1 / 3, 2 / 3])).astype(np.uint8)
+    if ignore_label is not None:
+        masks[:, :, :4] = ignore_label
+    block = DataBlock(blocks=(ImageBlock, MaskBlock(CODES)),
+                      get_x=lambda i: PILImage.create(photos[i]), get_y=lambda i: PILMask.create(masks[i]),
+                      splitter=IndexSplitter(list(range(n_train, n))),
+                      batch_tfms=[Normalize.from_stats(*imagenet_stats, cuda=False)])
+    return block.dataloaders(list(range(n)), bs=8, device='cpu')
+
+
+class TinySegNet(nn.Module):
+    """Per-pixel class scores [B, 3, H, W] from a 3 x 3 convolution."""
+
+    def __init__(self, n_classes=3):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, n_classes, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def make_segmentation_learner(dls, seed=0, **loss_kwargs):
+    from fastai.vision.all import CrossEntropyLossFlat, Learner
+    torch.manual_seed(seed)
+    return Learner(dls, TinySegNet(), loss_func=CrossEntropyLossFlat(axis=1, **loss_kwargs))
+
+
+@pytest.fixture(scope='module')
+def seg_dls():
+    return make_segmentation_dls()
+
+
+def manual_segmentation_scores(learn, conditions, seed, ignore_index=-100):
+    """Pixel error and mean IoU per condition by hand: numpy confusion matrices of the decoded,
+    corrupted (batches outer, conditions in order), re-encoded and segmented images."""
+    norm = learn.dls.after_batch.fs[-1]
+    mean, std = (torch.as_tensor(v).view(1, 3, 1, 1) for v in (norm.mean, norm.std))
+    generator = seeded(seed)
+    matrices = {}
+    learn.model.eval()
+    with torch.no_grad():
+        for xb, yb in learn.dls.valid:
+            pixels = (xb.as_subclass(torch.Tensor) * std + mean).clamp(0, 1)
+            masks = yb.as_subclass(torch.Tensor).numpy()
+            for key in ['clean'] + conditions:
+                images = pixels if key == 'clean' else corrupt(pixels, *key, generator)
+                predicted = learn.model((images - mean) / std).argmax(1).numpy()
+                keep = masks != ignore_index
+                counts = np.bincount(masks[keep] * 3 + predicted[keep], minlength=9).reshape(3, 3)
+                matrices[key] = matrices.get(key, 0) + counts
+    scores = {}
+    for key, matrix in matrices.items():
+        intersection = np.diag(matrix)
+        union = matrix.sum(0) + matrix.sum(1) - intersection
+        scores[key] = (1 - intersection.sum() / matrix.sum(), np.mean(intersection[union > 0] / union[union > 0]))
+    return scores
+
+
+def test_evaluate_robustness_segmentation_pixel_error_and_mean_iou(seg_dls):
+    learn = make_segmentation_learner(seg_dls)
+    corruptions, severities = ('gaussian_noise', 'fog', 'glass_blur'), (2, 5)
+    result = evaluate_robustness(learn, corruptions=corruptions, severities=severities, generator=seeded(5),
+                                 show_progress=False)
+    assert isinstance(result, SegmentationRobustnessResult)
+    table = result.table
+    assert list(table.columns) == ['corruption', 'severity', 'pixel_error', 'mean_iou']
+    conditions = [(c, s) for c in corruptions for s in severities]
+    assert list(zip(table.corruption, table.severity)) == conditions
+    expected = manual_segmentation_scores(learn, conditions, seed=5)
+    assert (result.clean_error, result.clean_mean_iou) == pytest.approx(expected['clean'])
+    for row in table.itertuples():
+        assert (row.pixel_error, row.mean_iou) == pytest.approx(expected[(row.corruption, row.severity)])
+    assert result.mean_corruption_error == pytest.approx(table.pixel_error.mean())
+    assert result.mean_corrupted_iou == pytest.approx(table.mean_iou.mean())
+    assert result.mce is None
+    assert set(result.summary()) == {'clean_error', 'clean_mean_iou', 'mean_corruption_error', 'mean_corrupted_iou',
+                                     'mce', 'relative_mce'}
+    assert 'clean_mean_iou=' in repr(result) and 'mean_corrupted_iou=' in repr(result)
+    assert list(result.per_corruption().columns) == ['pixel_error', 'mean_iou']
+
+
+def test_evaluate_robustness_segmentation_ignore_index():
+    dls = make_segmentation_dls(n_valid=8, ignore_label=255)
+    conditions = [('contrast', 4)]
+    from_loss = evaluate_robustness(make_segmentation_learner(dls, ignore_index=255), corruptions=('contrast',),
+                                    severities=(4,), show_progress=False)
+    expected = manual_segmentation_scores(make_segmentation_learner(dls), conditions, seed=0, ignore_index=255)
+    assert from_loss.clean_error == pytest.approx(expected['clean'][0])
+    assert from_loss.table.mean_iou[0] == pytest.approx(expected[('contrast', 4)][1])
+    explicit = evaluate_robustness(make_segmentation_learner(dls), corruptions=('contrast',), severities=(4,),
+                                   show_progress=False, ignore_index=255)
+    assert explicit.table.equals(from_loss.table)
+    with pytest.raises(ValueError, match=r'mask labels 0, 1, 2, 255.*3 classes.*ignore_index is -100'):
+        evaluate_robustness(make_segmentation_learner(dls), corruptions=('contrast',), show_progress=False)
+    with pytest.raises(ValueError, match='ignore_index=2.5'):
+        evaluate_robustness(make_segmentation_learner(dls), show_progress=False, ignore_index=2.5)
+
+
+def test_segmentation_uses_only_corruptions_that_keep_pixels_in_place(seg_dls):
+    assert SEGMENTATION_CORRUPTIONS == tuple(c for c in CORRUPTIONS if c not in ('zoom_blur', 'elastic_transform'))
+    small = make_segmentation_dls(n_valid=4)
+    result = evaluate_robustness(make_segmentation_learner(small), severities=(1,), generator=seeded(),
+                                 show_progress=False)
+    assert tuple(result.table.corruption) == SEGMENTATION_CORRUPTIONS
+    assert result.table.pixel_error.between(0, 1).all() and result.table.mean_iou.between(0, 1).all()
+    for name in ('elastic_transform', 'zoom_blur'):
+        with pytest.raises(ValueError, match=f"{name}.*move pixels"):
+            evaluate_robustness(make_segmentation_learner(seg_dls), corruptions=('fog', name), show_progress=False)
+
+
+def test_evaluate_robustness_segmentation_baseline_mce(seg_dls):
+    learn, other = make_segmentation_learner(seg_dls, seed=0), make_segmentation_learner(seg_dls, seed=1)
+    kwargs = dict(corruptions=('shot_noise', 'pixelate'), severities=(3, 5), show_progress=False)
+    compared = evaluate_robustness(learn, baseline=other, generator=seeded(2), **kwargs)
+    base = evaluate_robustness(other, generator=seeded(2), **kwargs)
+    own = evaluate_robustness(learn, generator=seeded(2), **kwargs)
+    assert compared.baseline.table.equals(base.table)
+    expected = np.mean([own.table.pixel_error[own.table.corruption == c].sum()
+                        / base.table.pixel_error[base.table.corruption == c].sum() for c in kwargs['corruptions']])
+    assert compared.mce == pytest.approx(expected)
+    assert evaluate_robustness(learn, baseline=base, generator=seeded(2), **kwargs).mce == pytest.approx(expected)
+    classification = RobustnessResult(own.table, 0.1, 0.1, 0.1, 0.1)
+    with pytest.raises(ValueError, match='baseline is a RobustnessResult.*segmentation'):
+        evaluate_robustness(learn, baseline=classification, **kwargs)
+    matplotlib.use('Agg')
+    ax = plot_corruption_errors({'model': compared, 'baseline': base})
+    assert ax.patches[0].get_height() == pytest.approx(100 * compared.clean_error)
+    assert 'Pixel error (%)' in ax.get_title() and '%' in ax.get_ylabel()
+    with pytest.raises(ValueError, match='mix'):
+        plot_corruption_errors({'a': compared, 'b': classification})
+
+
+def test_evaluate_robustness_segmentation_bad_model_output(seg_dls):
+    learn = make_segmentation_learner(seg_dls)
+    learn.model.body.append(nn.AvgPool2d(2))  # half-size scores
+    with pytest.raises(ValueError, match=r'\[B, n_classes, H, W\] at the masks'):
+        evaluate_robustness(learn, corruptions=('fog',), show_progress=False)
+
+
+@pytest.mark.slow  # about 10 s: a resnet18 U-Net on the CPU
+def test_evaluate_robustness_with_a_fastai_unet_learner():
+    from fastai.vision.all import CrossEntropyLossFlat, resnet18, unet_learner
+    dls = make_segmentation_dls(n_valid=4, n_train=8)  # unet_learner reads one training batch
+    learn = unet_learner(dls, resnet18, pretrained=False, n_out=3, loss_func=CrossEntropyLossFlat(axis=1))
+    result = evaluate_robustness(learn, corruptions=('snow', 'jpeg_compression'), severities=(3,),
+                                 generator=seeded(), show_progress=False)
+    assert isinstance(result, SegmentationRobustnessResult) and len(result.table) == 2
+    assert 0 <= result.clean_error <= 1 and 0 <= result.clean_mean_iou <= 1
+
+
+def test_evaluate_robustness_segmentation_with_uint8_masks_and_many_classes():
+    """uint8 masks: target * n_classes must not wrap around at 256."""
+    x = to_tensor(photo_crops(4, 24, 24, seed=7))
+    masks = (x.mean(1) * 19.99).to(torch.uint8)  # labels 0..19
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 20, 3, padding=1)).eval()
+    learn = types.SimpleNamespace(model=model, dls=None, loss_func=None)
+    kwargs = dict(corruptions=('contrast',), severities=(2,), show_progress=False)
+    small = evaluate_robustness(learn, dl=[(x, masks)], **kwargs)
+    large = evaluate_robustness(learn, dl=[(x, masks.long())], **kwargs)
+    assert small.table.equals(large.table) and small.clean_mean_iou == large.clean_mean_iou
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+    assert small.clean_error == pytest.approx(float((predicted != masks.long()).float().mean()))
