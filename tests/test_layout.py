@@ -44,7 +44,7 @@ def test_the_robustness_report_uses_only_the_public_augmentation(path):
 
 def test_the_callback_knows_nothing_of_how_an_op_is_computed():
     """callback.py uses AugMix through the public functions of fastai_jsd.augment, never its kernels."""
-    inner = ('ops', 'geometry', 'torch_apply', 'triton_apply', 'sampling', 'backends', '_checks')
+    inner = ('ops', 'geometry', 'torch_apply', 'triton_apply', 'sampling', 'backends', 'checks')
     for name in imported_modules(PACKAGE / 'callback.py'):
         assert not any(name.startswith(f'fastai_jsd.augment.{module}') for module in inner), name
 

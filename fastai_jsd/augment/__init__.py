@@ -8,7 +8,7 @@ import math
 import torch
 
 from fastai_jsd.augment import geometry, torch_apply
-from fastai_jsd.augment._checks import check_images
+from fastai_jsd.augment.checks import check_images
 from fastai_jsd.augment.backends import BACKENDS, resolve_backend, triton_kernels
 from fastai_jsd.augment.sampling import (NO_OP, OP_NAMES, OPS, PAPER_OP_COUNT, AugMixParams, _check_generator,
                                          check_augmix_args, check_param_values, check_params, op_set, sample_augmix)

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastai_jsd.augment._checks import check_images, per_image
+from fastai_jsd.augment.checks import check_images, per_image
 
 
 def _matrix_dtype(device):

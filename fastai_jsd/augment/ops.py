@@ -14,7 +14,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from fastai_jsd.augment._checks import check_images, per_image
+from fastai_jsd.augment.checks import check_images, per_image
 # The geometric kernels live in geometry.py (they share one affine-warp implementation); the op set is
 # public here as one namespace, as DESIGN.md lists it.
 from fastai_jsd.augment.geometry import rotate, shear_x, shear_y, translate_x, translate_y

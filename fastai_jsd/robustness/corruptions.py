@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fastai_jsd._device import move
+from fastai_jsd.augment.checks import image_problem
 from fastai_jsd.robustness.filters import (_clipped_zoom, _constant, _correlate2d, _directional_blur,
                                            _edge_distance, _equalize, _erode, _gaussian_blur, _motion_kernel,
                                            _on_device, _on_host, _pil_box_round_trip, _plasma_fractal,
@@ -609,13 +610,10 @@ def _check_severity(severity, argument='severity'):
 
 
 def _check_images(x, argument='x'):
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{argument} must be a torch.Tensor of images [B, C, H, W], got {type(x).__name__}.")
-    if not x.is_floating_point():
-        raise ValueError(f"{argument} has dtype {x.dtype}; pass float images in [0, 1] "
-                         f"(e.g. {argument}.float() / 255 for uint8).")
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"{argument} has shape {tuple(x.shape)}; expected images [B, C, H, W] with C = 1 or 3.")
+    """ValueError unless `x` is a batch of float images of at least 8 x 8 pixels in [0, 1] (values read on the host only)."""
+    problem = image_problem(x, argument)
+    if problem is not None:
+        raise ValueError(problem[1])
     if min(x.shape[-2:]) < _MIN_SIZE:
         raise ValueError(f"{argument} has shape {tuple(x.shape)}; images must be at least "
                          f"{_MIN_SIZE} x {_MIN_SIZE} pixels.")

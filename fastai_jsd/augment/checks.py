@@ -6,22 +6,35 @@ import torch
 from torch import Tensor
 
 
-def check_images(x, name='x'):
-    """Raise TypeError/ValueError unless `x` is a float `[B, C, H, W]` tensor with C in (1, 3)."""
+def image_problem(x, name='x'):
+    """Why `x` is not a float `[B, C, H, W]` image batch with C in (1, 3), as (exception type, message); None if it is.
+
+    The one image check of the package: the kernels raise it as it is, `corrupt` and the callback
+    word it for their callers.
+    """
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of images [B, C, H, W], got {type(x).__name__}.")
+        return TypeError, f"{name} must be a torch.Tensor of images [B, C, H, W], got {type(x).__name__}."
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be a float tensor with values in [0, 1], got dtype {x.dtype}; "
-                        f"convert uint8 images with `{name}.float() / 255`.")
+        return TypeError, (f"{name} must be a float tensor with values in [0, 1], got dtype {x.dtype}; "
+                           f"convert uint8 images with `{name}.float() / 255`.")
     if x.ndim != 4:
-        raise ValueError(f"{name} must be a batch of images [B, C, H, W], got shape {tuple(x.shape)}; "
-                         f"add a batch dimension with `{name}[None]` for a single image.")
+        return ValueError, (f"{name} must be a batch of images [B, C, H, W], got shape {tuple(x.shape)}; "
+                            f"add a batch dimension with `{name}[None]` for a single image.")
     if x.shape[1] not in (1, 3):
         hint = f"; for channels-last images use `{name}.permute(0, 3, 1, 2)`" if x.shape[3] in (1, 3) else ""
-        raise ValueError(f"{name} must have 1 (grayscale) or 3 (RGB) channels in dim 1, got shape "
-                         f"{tuple(x.shape)}{hint}.")
+        return ValueError, (f"{name} must have C = 1 or 3 channels (grayscale or RGB) in dim 1, got shape "
+                            f"{tuple(x.shape)}{hint}.")
     if x.shape[2] == 0 or x.shape[3] == 0:
-        raise ValueError(f"{name} must have at least one pixel, got shape {tuple(x.shape)}.")
+        return ValueError, f"{name} must have at least one pixel, got shape {tuple(x.shape)}."
+    return None
+
+
+def check_images(x, name='x'):
+    """Raise TypeError/ValueError unless `x` is a float `[B, C, H, W]` tensor with C in (1, 3)."""
+    problem = image_problem(x, name)
+    if problem is not None:
+        error, message = problem
+        raise error(message)
 
 
 def per_image(value, x, name, dtype=None):
