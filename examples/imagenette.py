@@ -10,10 +10,7 @@ so `fit_one_cycle` rather than `fine_tune`. After training, `evaluate_robustness
 RMS calibration error on `--eval-images` validation images, clean and under the 15 CIFAR-10-C corruptions
 at 5 severities. Without network and without `--path` the script says so and exits.
 """
-import argparse
-import math
 import socket
-import tempfile
 import sys
 import threading
 from pathlib import Path
@@ -25,55 +22,39 @@ import matplotlib.pyplot as plt
 
 from fastai.vision.all import *
 
+from course import course_parser, find_model, finish_args, suggested_lr
 from fastai_jsd import CORRUPTIONS, AugMixCallback, JsdCrossEntropy, evaluate_robustness, plot_corruption_errors
 
-# 'valley' is noisy from one run to the next; Adam + one-cycle trains a from-scratch CNN with batch norm
-# well anywhere in LR_RANGE, so the suggestion is kept inside it (as in quickstart.py).
-LR_RANGE = (1e-3, 1e-2)
-FALLBACK_LR = 3e-3  # when lr_find gives nothing usable (loss nan from the start)
 VALID_NAMES = ('valid', 'val')  # fastai's convention and Imagenette's
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = course_parser(__doc__.splitlines()[0], out='./imagenette_out', arch='resnet18', size=None, bs=None,
+                           epochs=(5, 1), quick_help='a smoke test: 1 epoch at 32 px, 32 images evaluated',
+                           arch_help='a fastai/torchvision model (resnet18, xresnet50) or a timm model name (resnet10t)')
     parser.add_argument('--path', type=Path, default=None,
                         help='an ImageNet-style folder (train/ and valid/ or val/, one sub-folder per class); '
                              'default: download --url')
     parser.add_argument('--url', default=URLs.IMAGENETTE_160,
                         help='the fastai data set to download when --path is not given (default Imagenette 160 px)')
-    parser.add_argument('--out', type=Path, default=Path('./imagenette_out'), help='folder for figures and tables')
-    parser.add_argument('--quick', action='store_true', help='a smoke test: 1 epoch at 32 px, 32 images evaluated')
-    parser.add_argument('--epochs', type=int, default=None, help='default 5, --quick 1')
-    parser.add_argument('--size', type=int, default=None, help='training image size (default 128, --quick 32)')
-    parser.add_argument('--arch', default='resnet18',
-                        help='a fastai/torchvision model (resnet18, xresnet50) or a timm model name (resnet10t)')
-    parser.add_argument('--bs', type=int, default=None,
-                        help='clean images per batch, the model sees 3x (default 64, --quick 16)')
     parser.add_argument('--eval-images', type=int, default=None,
                         help='validation images for the robustness report (default 1000, --quick 32)')
     parser.add_argument('--workers', type=int, default=None, help="DataLoader workers (default fastai's, --quick 0)")
-    parser.add_argument('--seed', type=int, default=42)
     args = parser.parse_args(argv)
-    defaults_for = dict(epochs=(5, 1), size=(128, 32), bs=(64, 16), eval_images=(1000, 32), workers=(defaults.cpus, 0))
+    defaults_for = dict(size=(128, 32), bs=(64, 16), eval_images=(1000, 32), workers=(defaults.cpus, 0))
     for name, (full, quick) in defaults_for.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
-    for name, least in dict(epochs=1, size=16, bs=1, eval_images=1, workers=0).items():
-        if getattr(args, name) < least:
-            parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
-    return args
+    return finish_args(parser, args, dict(epochs=1, size=16, bs=1, eval_images=1, workers=0))
 
 
-def find_model(name):
-    "The fastai/torchvision model function called `name`, else `name` itself for timm; exits on unknown names."
-    candidate = globals().get(name)  # what `from fastai.vision.all import *` brought in
-    if callable(candidate) and candidate.__module__.startswith(('torchvision.models', 'fastai.vision.models')):
-        return candidate
-    import timm
-    if name in timm.list_models():
-        return name
-    sys.exit(f'imagenette.py: --arch {name!r} is neither a fastai/torchvision nor a timm model; '
-             f'try resnet18, xresnet50 or resnet10t.')
+def model_or_exit(name):
+    "The fastai/torchvision model function called `name`, else the timm name; exits on unknown names."
+    model = find_model(name)
+    if model is None:
+        sys.exit(f'imagenette.py: --arch {name!r} is neither a fastai/torchvision nor a timm model; '
+                 f'try resnet18, xresnet50 or resnet10t.')
+    return model
 
 
 def reachable(url, timeout=3.0):
@@ -139,29 +120,6 @@ def evaluation_loader(dls, n_images, seed):
     return dls.test_dl([items[i] for i in sorted(picked)], with_labels=True, bs=min(dls.bs, 64))
 
 
-def suggested_lr(learn, out, quick):
-    "lr_find's 'valley' suggestion, kept within LR_RANGE; its figure, marking the rate used, is saved to `out`."
-    # lr_find's temporary weights go to a temporary folder, so no empty models/ stays behind in --out
-    with tempfile.TemporaryDirectory() as scratch:
-        model_dir, learn.model_dir = learn.model_dir, scratch  # absolute, so path/model_dir is scratch
-        try:
-            suggestion = learn.lr_find(num_it=20 if quick else 100, suggest_funcs=(valley,))
-        finally:
-            learn.model_dir = model_dir
-    lr = float(suggestion.valley)
-    low, high = LR_RANGE
-    used = FALLBACK_LR if math.isnan(lr) else min(max(lr, low), high)
-    if used != lr:
-        print(f'lr_find suggested {lr:.2g}, using {used:.2g}')
-    ax = plt.gcf().axes[0]
-    ax.axvline(used, color='tab:red', linestyle='--', label=f'used by fit_one_cycle: {used:.2g}')
-    ax.set_title(f'lr_find: AugMix + JSD (loss: cross-entropy + {learn.loss_func.alpha:g} x JSD)')
-    ax.legend(loc='best')
-    plt.gcf().savefig(out / 'lr_find.png', bbox_inches='tight')
-    plt.close('all')
-    return used
-
-
 def save_figures(learn, result, out):
     "The AugMix batch grid, the training curves and the per-corruption errors; returns their paths."
     paths = [out / 'augmix_batch.png', out / 'training_curves.png', out / 'corruption_errors.png']
@@ -178,7 +136,7 @@ def save_figures(learn, result, out):
 
 def main(argv=None):
     args = parse_args(argv)
-    arch = find_model(args.arch)
+    arch = model_or_exit(args.arch)
     path = args.path if args.path is not None else download(args.url)
     args.out.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed, reproducible=True)
@@ -189,7 +147,7 @@ def main(argv=None):
     # path=args.out: anything the Learner saves goes to --out, not into the image folder
     learn = vision_learner(dls, arch, pretrained=False, loss_func=JsdCrossEntropy(), cbs=AugMixCallback(),
                            metrics=[accuracy, error_rate], path=args.out)
-    lr = suggested_lr(learn, args.out, args.quick)
+    lr = suggested_lr(learn, 'AugMix + JSD', args.out / 'lr_find.png', args.quick)
     print(f'fit_one_cycle({args.epochs}, {lr:.2g})')
     learn.fit_one_cycle(args.epochs, lr)
 

@@ -13,11 +13,7 @@ the validation set (15 CIFAR-10-C corruptions x 5 severities), and the script pr
 error, mean corruption error and RMS calibration error, and writes it, the per-corruption errors and
 the figures to `--out`. Nothing is downloaded: `pretrained=False` throughout.
 """
-import argparse
-import math
-import tempfile
 import time
-from pathlib import Path
 
 import matplotlib
 matplotlib.use('Agg')  # figures only go to files, so no display is needed
@@ -25,14 +21,10 @@ import matplotlib.pyplot as plt
 
 from fastai.vision.all import *
 
+from course import course_parser, find_model, finish_args, suggested_lr
 from fastai_jsd import CORRUPTIONS, AugMixCallback, JsdCrossEntropy, evaluate_robustness, plot_corruption_errors
 from fastai_jsd.data import fashion_dls
 
-# On this data, 'valley' moves between 6e-4 and 1.5e-2 with the seed alone (measured), and an unlucky 6e-4
-# leaves a model under-trained after a few epochs, which would decide the comparison. Adam + one-cycle
-# trains a from-scratch CNN with batch norm well anywhere in LR_RANGE, so the suggestion is kept inside it.
-LR_RANGE = (1e-3, 1e-2)
-FALLBACK_LR = 3e-3  # when lr_find gives nothing usable (loss nan from the start)
 MODELS = {'baseline': 'baseline (cross-entropy)', 'augmix_jsd': 'AugMix + JSD'}
 
 
@@ -48,41 +40,23 @@ def small_cnn(n_in=1, n_out=10, widths=(32, 64, 128, 256)):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--out', type=Path, default=Path('./augmix_out'), help='folder for the table and figures')
-    parser.add_argument('--quick', action='store_true',
-                        help='a smoke test: 640 training and 200 validation images, one epoch')
-    parser.add_argument('--epochs', type=int, default=None, help='epochs per model (default 6, --quick 1)')
-    parser.add_argument('--size', type=int, default=28, help='image size in pixels (Fashion-MNIST is 28)')
-    parser.add_argument('--arch', default='small_cnn',
-                        help="small_cnn (this script's), a fastai/torchvision model (resnet18, xresnet18) "
-                             "or a timm model name (resnet10t)")
-    parser.add_argument('--bs', type=int, default=64, help='clean images per batch (AugMix + JSD sees 3x)')
-    parser.add_argument('--seed', type=int, default=42)
+    parser = course_parser(__doc__.splitlines()[0], out='./augmix_out', arch='small_cnn', size=28, bs=64,
+                           arch_help="small_cnn (this script's), a fastai/torchvision model (resnet18, xresnet18) "
+                                     "or a timm model name (resnet10t)",
+                           quick_help='a smoke test: 640 training and 200 validation images, one epoch')
     parser.add_argument('--full', action='store_true',
                         help='the full Fashion-MNIST (60000/10000) from /usr/share/datasets/fashion-mnist '
                              '(apt-get install dataset-fashion-mnist): about 12x longer')
-    args = parser.parse_args(argv)
-    if args.epochs is None:
-        args.epochs = 1 if args.quick else 6
-    for name, least in dict(epochs=1, bs=1, size=8).items():
-        if getattr(args, name) < least:
-            parser.error(f'--{name} must be at least {least}, got {getattr(args, name)}')
-    if find_model(args.arch) is None:
+    args = finish_args(parser, parser.parse_args(argv), dict(epochs=1, bs=1, size=8))
+    if model_of(args.arch) is None:
         parser.error(f"--arch {args.arch!r} is neither small_cnn, a fastai/torchvision model nor a timm model; "
                      f"try small_cnn, resnet18, xresnet18 or resnet10t")
     return args
 
 
-def find_model(name):
-    "The fastai/torchvision model function called `name`, the timm name itself, or None."
-    if name == 'small_cnn':
-        return small_cnn
-    candidate = globals().get(name)  # what `from fastai.vision.all import *` brought in
-    if callable(candidate) and candidate.__module__.startswith(('torchvision.models', 'fastai.vision.models')):
-        return candidate
-    import timm
-    return name if name in timm.list_models() else None
+def model_of(arch):
+    "This script's small_cnn, a fastai/torchvision model function, a timm model name, or None."
+    return small_cnn if arch == 'small_cnn' else find_model(arch)
 
 
 def make_learner(dls, arch, augmix, out):
@@ -91,7 +65,7 @@ def make_learner(dls, arch, augmix, out):
     # difference from the baseline, and smoothing would make the model less confident, muddling calibration.
     loss_func = JsdCrossEntropy(smoothing=0) if augmix else CrossEntropyLossFlat()
     cbs = [AugMixCallback()] if augmix else []
-    model = find_model(arch)
+    model = model_of(arch)
     # path=out: anything the Learner saves goes to --out, not to the current folder
     if model is small_cnn:
         return Learner(dls, small_cnn(n_in=1, n_out=dls.c), loss_func=loss_func, cbs=cbs, metrics=error_rate,
@@ -100,58 +74,13 @@ def make_learner(dls, arch, augmix, out):
                           path=out)
 
 
-def suggested_lr(learn, name, out, quick):
-    "lr_find's 'valley' suggestion, kept within LR_RANGE; its figure (model, rate used) is saved to `out`."
-    suggestion = lr_find_leaving_no_files(learn, num_it=20 if quick else 100, suggest_funcs=(valley,))
-    lr = float(suggestion.valley)
-    low, high = LR_RANGE
-    used = FALLBACK_LR if math.isnan(lr) else min(max(lr, low), high)
-    if used != lr:
-        print(f'{MODELS[name]}: lr_find suggested {lr:.2g}, using {used:.2g}')
-    label_lr_find(plt.gcf(), MODELS[name], loss_name(learn.loss_func), lr, used)
-    plt.gcf().savefig(out / f'lr_find_{name}.png', bbox_inches='tight')
-    plt.close('all')
-    return used
-
-
-def lr_find_leaving_no_files(learn, **kwargs):
-    "`learn.lr_find(**kwargs)` with its temporary weights in a temporary folder, so no empty models/ stays behind."
-    # fastai saves them under path/model_dir and deletes them, but not the model_dir it created for them
-    with tempfile.TemporaryDirectory() as scratch:
-        model_dir, learn.model_dir = learn.model_dir, scratch  # absolute, so path/model_dir is scratch
-        try:
-            return learn.lr_find(**kwargs)
-        finally:
-            learn.model_dir = model_dir
-
-
-def loss_name(loss_func):
-    "What the training loss of `loss_func` is, in words, for a figure."
-    alpha = getattr(loss_func, 'alpha', None)
-    return 'cross-entropy' if alpha is None else f'cross-entropy + {alpha:g} x Jensen-Shannon consistency'
-
-
-def label_lr_find(fig, model_name, loss, suggested, used):
-    "Title lr_find's figure with the model and its loss, and mark the suggestion and the learning rate fit used."
-    ax = fig.axes[0]
-    for line in ax.get_lines():
-        if line.get_label() == 'valley':
-            line.set_label(f"lr_find's valley suggestion: {suggested:.2g}")
-    ax.axvline(used, color='tab:red', linestyle='--', label=f'used by fit_one_cycle: {used:.2g}')
-    ax.set_title(f'lr_find: {model_name}')
-    ax.set_ylabel(f'training loss, smoothed\n({loss})')
-    ax.set_xlabel('learning rate (log scale)')
-    ax.legend(loc='best')
-    return fig
-
-
 def train(args, name):
     "Build, lr_find and fit one model; returns the Learner and its seconds."
     # The same seed before each model: same initial weights, same batch order, so AugMix + JSD is the difference.
     set_seed(args.seed, reproducible=True)
     learn = make_learner(load_data(args), args.arch, augmix=name == 'augmix_jsd', out=args.out)
     start = time.perf_counter()
-    lr = suggested_lr(learn, name, args.out, args.quick)
+    lr = suggested_lr(learn, MODELS[name], args.out / f'lr_find_{name}.png', args.quick)
     print(f'\n{MODELS[name]}: fit_one_cycle({args.epochs}, {lr:.2g})')
     learn.fit_one_cycle(args.epochs, lr)
     return learn, time.perf_counter() - start

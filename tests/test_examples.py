@@ -120,6 +120,8 @@ def test_quickstart_quick_writes_table_csv_and_figures(tmp_path):
 
 def load_example(name):
     """examples/`name`.py imported as a module (its main() is not run), to test its functions."""
+    if str(EXAMPLES) not in sys.path:  # as `python examples/X.py` has it: the scripts import examples/course.py
+        sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(f'example_{name}', EXAMPLES / f'{name}.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -127,8 +129,8 @@ def load_example(name):
 
 
 @pytest.fixture(scope='module')
-def quickstart():
-    return load_example('quickstart')
+def course():
+    return load_example('course')
 
 
 def tiny_fashion_learner(loss_func, path):
@@ -142,29 +144,29 @@ def tiny_fashion_learner(loss_func, path):
     return Learner(dls, nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)), loss_func=loss_func, path=path)
 
 
-def test_quickstart_lr_find_leaves_no_models_folder(quickstart, tmp_path):
+def test_lr_find_leaves_no_models_folder(course, tmp_path):
     from fastai.losses import CrossEntropyLossFlat
     learn = tiny_fashion_learner(CrossEntropyLossFlat(), tmp_path)
     with learn.no_bar():
-        suggestion = quickstart.lr_find_leaving_no_files(learn, num_it=10, show_plot=False)
+        suggestion = course.lr_find_leaving_no_files(learn, num_it=10, show_plot=False)
     assert suggestion.valley > 0
     assert list(tmp_path.iterdir()) == [], 'lr_find left files in the Learner\'s path'
     assert learn.model_dir == 'models'
 
 
-def test_quickstart_lr_find_figure_names_the_model_and_marks_the_rate_used(quickstart, tmp_path):
+def test_lr_find_figure_names_the_model_and_marks_the_rate_used(course, tmp_path):
     import matplotlib.pyplot as plt
     from fastai_jsd import AugMixCallback, JsdCrossEntropy
     learn = tiny_fashion_learner(JsdCrossEntropy(smoothing=0), tmp_path)
     learn.add_cb(AugMixCallback())
     with learn.no_bar():
-        used = quickstart.suggested_lr(learn, 'augmix_jsd', tmp_path, quick=True)
+        used = course.suggested_lr(learn, 'AugMix + JSD', tmp_path / 'lr_find_augmix_jsd.png', quick=True)
     check_png(tmp_path / 'lr_find_augmix_jsd.png')
     assert sorted(p.name for p in tmp_path.iterdir()) == ['lr_find_augmix_jsd.png']
     # the figure itself, as suggested_lr labels it
     with learn.no_bar():
-        quickstart.lr_find_leaving_no_files(learn, num_it=10, suggest_funcs=(quickstart.valley,))
-    fig = quickstart.label_lr_find(plt.gcf(), 'AugMix + JSD', quickstart.loss_name(learn.loss_func), 5e-2, used)
+        course.lr_find_leaving_no_files(learn, num_it=10, suggest_funcs=(course.valley,))
+    fig = course.label_lr_find(plt.gcf(), 'AugMix + JSD', course.loss_name(learn.loss_func), 5e-2, used)
     ax = fig.axes[0]
     assert ax.get_title() == 'lr_find: AugMix + JSD'
     assert '12 x Jensen-Shannon' in ax.get_ylabel()
