@@ -17,7 +17,8 @@ from fastai.callback.mixup import MixHandler
 from fastai.callback.training import GradientAccumulation
 from fastai.data.transforms import Normalize
 from fastai.learner import Recorder
-from fastai.torch_core import num_distrib, rank_distrib, retain_type
+from fastai.torch_core import TensorMask, num_distrib, rank_distrib, retain_type
+from fastai.vision.core import TensorBBox, TensorPoint
 
 from fastai_jsd.augmix import augmix, check_augmix_args
 
@@ -46,6 +47,36 @@ def _describe(xb):
     parts = [f"{type(t).__name__}{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
              for t in xb]
     return f"{len(parts)} input(s): " + ", ".join(parts)
+
+
+def is_pixel_aligned(y, images):
+    """Whether target `y` is tied to the pixel positions of `images` [B, C, H, W], so views must not move pixels.
+
+    A fastai mask, points or boxes; or any tensor [B, ..., H, W] (a map per image: class masks, soft masks,
+    depth). Decided from type and shape only, so it costs nothing per batch and never syncs a GPU.
+    """
+    if isinstance(y, (TensorMask, TensorPoint, TensorBBox)):
+        return True
+    return (isinstance(y, torch.Tensor) and y.ndim >= 3 and y.shape[0] == images.shape[0]
+            and y.shape[-2:] == images.shape[-2:])
+
+
+def views_geometric(geometric, images, targets):
+    """Whether AugMix may rotate, shear and translate: `geometric`, or for None, only when no target is a mask.
+
+    ValueError for `geometric=True` with mask-like targets: the views would no longer match their masks.
+    """
+    aligned = [y for y in targets if is_pixel_aligned(y, images)]
+    if not aligned:
+        return geometric is not False
+    if geometric:
+        described = ", ".join(f"{type(y).__name__}{tuple(y.shape)}" for y in aligned)
+        raise ValueError(
+            f"AugMixCallback(geometric=True) rotates, shears and translates the training images, but the targets "
+            f"({described}) are masks, points or boxes of those images: the augmented views would no "
+            f"longer match them. Use geometric=None (the default: appearance ops only when the targets are "
+            f"masks) or geometric=False.")
+    return False
 
 
 def repeat_rows(t, times, batch_size):
@@ -159,6 +190,9 @@ class AugMixCallback(Callback):
     its AugMix view (the paper's "AugMix without JSD"). `augment` replaces AugMix by any callable that
     maps a pixel batch in [0, 1] to an augmented batch of the same shape. `fill=None` fills uncovered
     areas of rotate/shear/translate with the dataset mean colour (zero after normalization, as timm).
+    `geometric=None` leaves rotate, shear and translate out when the targets are masks (segmentation:
+    `TensorMask`, or targets [B, ..., H, W]), so every pixel of a view stays where its label is;
+    `False` always leaves them out; `True` always uses them and refuses mask targets.
     """
     # After MixUp/CutMix (order 0) so they mix first; before GradientAccumulation (6), which counts
     # `yb` rows in `after_loss`, and before MixedPrecision (10), so AugMix runs outside autocast in float32.
@@ -167,17 +201,21 @@ class AugMixCallback(Callback):
     _stateattrs = ('_rank_generator',)  # a per-fit RNG, possibly on a GPU: not part of an exported Learner
 
     def __init__(self, num_splits=3, severity=3, width=3, depth=-1, alpha=1., all_ops=False, fill=None,
-                 augment=None):
+                 augment=None, geometric=None):
         if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
             raise ValueError(f"num_splits must be an int >= 1 (1 = train on the AugMix view only, "
                              f"3 = clean + 2 views as in the paper); got num_splits={num_splits!r}.")
         if augment is not None and not callable(augment):
             raise TypeError(f"augment must be a callable mapping a pixel batch [B, C, H, W] in [0, 1] to an "
                             f"augmented batch of the same shape, or None for AugMix; got {type(augment).__name__}.")
+        if geometric is not None and not isinstance(geometric, bool):
+            raise TypeError(f"geometric must be None (decide from the targets: no rotate, shear or translate for "
+                            f"masks), True or False, got {geometric!r}.")
         if augment is None:
             check_augmix_args(severity=severity, width=width, depth=depth, alpha=alpha, all_ops=all_ops)
         self.num_splits, self.severity, self.width, self.depth = num_splits, severity, width, depth
         self.alpha, self.all_ops, self.fill, self.augment = alpha, all_ops, fill, augment
+        self.geometric = geometric
         self.parts_recorder = LossPartsRecorder()
 
     # fastai sets `cb.learn` whenever a callback is added (Learner(cbs=...), add_cb, fit(cbs=...)) and
@@ -234,8 +272,9 @@ class AugMixCallback(Callback):
     def before_batch(self):
         """Stack the clean batch and its augmented views: `learn.xb = (cat([clean, aug1, ...]),)`."""
         images = check_image_batch(self.xb)
+        geometric = views_geometric(self.geometric, images, self.yb)
         self.clean_xb, self.clean_yb = self.xb, self.yb
-        views = self.augmented_views(images, max(self.num_splits - 1, 1))
+        views = self.augmented_views(images, max(self.num_splits - 1, 1), geometric)
         stacked = views if self.num_splits == 1 else torch.cat([images, views])
         self.learn.xb = (retain_type(stacked, old=images),)
         if self.num_splits > 1 and not self.loss_takes_splits:
@@ -253,16 +292,17 @@ class AugMixCallback(Callback):
         self.parts_recorder.accumulate(self.split_loss, batch_size)
         self.clean_xb = self.clean_yb = None
 
-    def augmented_views(self, images, num_views):
+    def augmented_views(self, images, num_views, geometric=True):
         """`num_views` augmented copies of normalized `images`, as contiguous blocks, normalized again."""
         pixels = self.decode(images)
         if num_views > 1:
             pixels = pixels.repeat(num_views, 1, 1, 1)
-        views = self.augment_pixels(pixels)
+        views = self.augment_pixels(pixels, geometric)
         return self.encode_(views)
 
-    def augment_pixels(self, pixels):
-        """The augmentation itself, on pixels in [0, 1]: AugMix unless `augment` was given."""
+    def augment_pixels(self, pixels, geometric=True):
+        """The augmentation itself, on pixels in [0, 1]: AugMix (with rotate, shear, translate if `geometric`)
+        unless `augment` was given."""
         if self.augment is not None:
             out = self.augment(pixels)
             if not isinstance(out, torch.Tensor) or out.shape != pixels.shape:
@@ -271,7 +311,7 @@ class AugMixCallback(Callback):
             return out
         return augmix(pixels, severity=self.severity, width=self.width, depth=self.depth, alpha=self.alpha,
                       all_ops=self.all_ops, fill=self.fill_value(pixels),
-                      generator=self.rank_generator(pixels.device))
+                      generator=self.rank_generator(pixels.device), geometric=geometric)
 
     def fill_value(self, pixels):
         """`fill`, or the dataset mean colour (so it encodes to zero) when None and the data is normalized."""
@@ -339,11 +379,14 @@ class AugMixCallback(Callback):
             raise ValueError(f"n must be a positive int (number of images to show); got n={n!r}.")
         loader = dl if dl is not None else self.dls.train
         self.dls_normalize = find_normalize(loader)
-        images = check_image_batch(loader.one_batch()[:loader.n_inp])[:n]
+        batch = loader.one_batch()
+        images = check_image_batch(batch[:loader.n_inp])
+        geometric = views_geometric(self.geometric, images, batch[loader.n_inp:])
+        images = images[:n]
         num_views = max(self.num_splits - 1, 1)
         with torch.no_grad():
             pixels = self.decode(images)
-            views = self.augment_pixels(pixels.repeat(num_views, 1, 1, 1))
+            views = self.augment_pixels(pixels.repeat(num_views, 1, 1, 1), geometric)
         columns = [pixels] + list(views.split(images.shape[0]))
         titles = ['clean'] + [f'aug{i + 1}' for i in range(num_views)]
         rows = images.shape[0]
