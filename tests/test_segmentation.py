@@ -1,8 +1,18 @@
 """Segmentation: views whose pixels stay on their labels, the callback's choice from the targets, unet_learner."""
 import fastai.vision.all  # noqa: F401  (registers the Learner methods users get: lr_find, show_results, ...)
 
+import contextlib
+import importlib.util
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import matplotlib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,14 +23,15 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import TensorMask
 from fastai.vision.core import TensorPoint
 from fastai.vision.learner import unet_learner
+from PIL import Image
 from torch import nn
 
 import fastai_jsd.callback as callback_module
+import fastai_jsd.data as data_module
 from _images import photo_crops, to_tensor
 from fastai_jsd import AugMixCallback, JsdCrossEntropy
 from fastai_jsd.augmix import NO_OP, OP_NAMES, OPS, AugMixParams, apply_augmix, sample_augmix
 from fastai_jsd.callback import repeat_rows, views_geometric
-import fastai_jsd.data as data_module
 from fastai_jsd.data import SEGMENTATION_CODES, FashionArrays, fashion_segmentation_dls, load_fashion_sample
 
 matplotlib.use('Agg')
@@ -55,7 +66,7 @@ def photos():
 
 @pytest.mark.parametrize('name', OP_NAMES)
 def test_each_op_commutes_with_flips_exactly_when_it_keeps_pixels_in_place(photos, name):
-    params = one_op_params(name, *photos.shape[:1], *photos.shape[2:])
+    params = one_op_params(name, len(photos), *photos.shape[2:])
     assert not torch.allclose(apply_augmix(photos, params), photos, atol=1e-3)  # the op does something
     commutes = [commutes_with(flip, photos, params) for flip in FLIPS.values()]
     if OPS[name].geometric:
@@ -269,3 +280,86 @@ def test_unet_learner_session(seg_dls, tmp_path):
     assert isinstance(loaded.loss_func, JsdCrossEntropy)
     loaded_mask, _, loaded_probs = loaded.predict(image)
     assert torch.equal(loaded_mask, mask) and torch.allclose(loaded_probs, item_probs, atol=1e-5)
+
+
+# --- examples/segmentation.py ----------------------------------------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parents[1] / 'examples' / 'segmentation.py'
+TABLE_ROW = re.compile(r'^\| (baseline \(cross-entropy\)|AugMix \+ JSD) \| ([0-9.]+)% \| ([0-9.]+)% \|', re.M)
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location('segmentation_example', EXAMPLE)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def check_png(path):
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert('L'))
+    assert image.format == 'PNG' and min(pixels.shape) > 100 and pixels.std() > 5, f'{path} looks empty'
+
+
+def check_outputs(out, printed):
+    rows = TABLE_ROW.findall(printed)
+    assert [row[0] for row in rows] == ['baseline (cross-entropy)', 'AugMix + JSD'], printed
+    assert all(0 <= float(error) <= 100 and 0 <= float(iou) <= 100 for _, error, iou in rows)
+    table = pd.read_csv(out / 'results.csv', index_col='model')
+    assert list(table.index) == ['baseline (cross-entropy)', 'AugMix + JSD']
+    assert {'clean_pixel_error', 'clean_mean_iou', 'train_seconds'} <= set(table.columns)
+    for name in ('predictions_baseline', 'predictions_augmix_jsd', 'augmix_views', 'lr_find_baseline',
+                 'lr_find_augmix_jsd'):
+        check_png(out / f'{name}.png')
+    assert not (out / 'models').exists()  # lr_find's temporary folder is not left behind
+
+
+@pytest.mark.slow  # a fresh interpreter importing fastai, two tiny trainings: 30-50 s on 2 busy cores
+def test_example_quick_run_as_a_user_runs_it(tmp_path):
+    # PYTHONPATH: this checkout's fastai_jsd, whatever copy the environment has installed
+    env = {'OMP_NUM_THREADS': '1', **os.environ, 'MPLBACKEND': 'Agg', 'FASTAI_HOME': str(tmp_path / 'fastai_home'),
+           'PYTHONWARNINGS': 'ignore::FutureWarning',
+           'PYTHONPATH': os.pathsep.join(filter(None, [str(EXAMPLE.parents[1]), os.environ.get('PYTHONPATH')]))}
+    result = subprocess.run([sys.executable, str(EXAMPLE), '--quick', '--out', 'out'], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_outputs(tmp_path / 'out', result.stdout)
+
+
+def write_camvid_style_folder(root, n=24, size=40):
+    """images/, labels/<name>_P.png and codes.txt, as URLs.CAMVID_TINY: Fashion-MNIST garments on a background,
+    the faint halo around them labelled 'Void' (code 2)."""
+    sample = load_fashion_sample()
+    (root / 'images').mkdir(parents=True)
+    (root / 'labels').mkdir()
+    for i, image in enumerate(sample.train_images[:n]):
+        Image.fromarray(image).convert('RGB').resize((size, size)).save(root / 'images' / f'frame{i:03d}.png')
+        mask = np.where(image >= 8, 1, np.where(image > 0, 2, 0)).astype(np.uint8)
+        Image.fromarray(mask).resize((size, size), Image.NEAREST).save(root / 'labels' / f'frame{i:03d}_P.png')
+    (root / 'codes.txt').write_text('Background\nGarment\nVoid\n')
+    return root
+
+
+@pytest.mark.slow  # two tiny trainings in this process: 10-20 s
+def test_example_trains_on_a_camvid_style_folder(tmp_path):
+    folder = write_camvid_style_folder(tmp_path / 'camvid_like')
+    script = load_example()
+    dls = script.folder_dls(folder, size=32, bs=4, seed=0)
+    assert list(dls.vocab) == ['Background', 'Garment', 'Void'] and script.void_index(dls) == 2
+    image_file = dls.train_ds.items[0]
+    mask = np.asarray(dls.train_ds[0][1])  # before Resize: the file label_file paired with the image
+    np.testing.assert_array_equal(mask, np.asarray(Image.open(folder / 'labels' / f'{image_file.stem}_P.png')))
+    assert set(np.unique(mask)) == {0, 1, 2}
+    out = tmp_path / 'out'
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        script.main(['--quick', '--path', str(folder), '--size', '32', '--bs', '4', '--out', str(out)])
+    check_outputs(out, printed.getvalue())
+
+
+def test_example_refuses_a_folder_that_is_not_camvid_style(tmp_path, capsys):
+    (tmp_path / 'images').mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        load_example().parse_args(['--path', str(tmp_path)])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert 'lacks labels, codes.txt' in message and 'CamVid-style' in message
