@@ -16,37 +16,15 @@ import torch
 from fastai.callback.core import Callback, TrainEvalCallback
 from fastai.callback.mixup import MixHandler
 from fastai.callback.training import GradientAccumulation
-from fastai.data.transforms import Normalize
 from fastai.learner import Recorder
-from fastai.torch_core import num_distrib, rank_distrib, retain_type
+from fastai.torch_core import TensorMask, num_distrib, rank_distrib, retain_type
+from fastai.vision.core import TensorBBox, TensorPoint
 
+from fastai_jsd._device import move
 from fastai_jsd.augment import BACKENDS, augmix, check_augmix_args
+from fastai_jsd.pixels import check_image_batch, decode, encode, encode_, normalize_stats
 
-__all__ = ['AugMixCallback', 'LossPartsRecorder', 'FollowFittingLearner', 'split_batchnorm', 'find_normalize']
-
-
-def find_normalize(dl):
-    """The `Normalize` transform of a DataLoader's `after_batch`, or None when it has none."""
-    pipeline = getattr(dl, 'after_batch', None)
-    transforms = getattr(pipeline, 'fs', None) or []
-    found = [t for t in transforms if isinstance(t, Normalize)]
-    return found[-1] if found else None
-
-
-def check_image_batch(xb):
-    """The single image tensor of `xb`; ValueError unless it is a float [B, C, H, W] batch, C in (1, 3)."""
-    images = xb[0] if len(xb) == 1 and isinstance(xb[0], torch.Tensor) else None
-    if images is None or images.ndim != 4 or images.shape[1] not in (1, 3) or not images.is_floating_point():
-        raise ValueError(f"AugMixCallback needs image batches (one float tensor [B, C, H, W], C = 1 or 3); "
-                         f"got {_describe(xb)}. Use it with an image DataLoaders (ImageBlock) or remove the callback.")
-    return images
-
-
-def _describe(xb):
-    """Shapes and dtypes of a batch tuple, for error messages."""
-    parts = [f"{type(t).__name__}{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-             for t in xb]
-    return f"{len(parts)} input(s): " + ", ".join(parts)
+__all__ = ['AugMixCallback', 'LossPartsRecorder', 'FollowFittingLearner', 'split_batchnorm']
 
 
 def check_augment_output(out, pixels):
@@ -66,6 +44,36 @@ def check_augment_output(out, pixels):
         raise TypeError(f"augment must return float pixels in [0, 1] like its input ({pixels.dtype}); got dtype "
                         f"{out.dtype}. Convert 8-bit images with `.float() / 255`.")
     return out.detach().to(pixels.dtype)
+
+
+def is_pixel_aligned(y, images):
+    """Whether target `y` is tied to the pixel positions of `images` [B, C, H, W], so views must not move pixels.
+
+    A fastai mask, points or boxes; or any tensor [B, ..., H, W] (a map per image: class masks, soft masks,
+    depth). Decided from type and shape only, so it costs nothing per batch and never syncs a GPU.
+    """
+    if isinstance(y, (TensorMask, TensorPoint, TensorBBox)):
+        return True
+    return (isinstance(y, torch.Tensor) and y.ndim >= 3 and y.shape[0] == images.shape[0]
+            and y.shape[-2:] == images.shape[-2:])
+
+
+def views_geometric(geometric, images, targets):
+    """Whether AugMix may rotate, shear and translate: `geometric`, or for None, only when no target is a mask.
+
+    ValueError for `geometric=True` with mask-like targets: the views would no longer match their masks.
+    """
+    aligned = [y for y in targets if is_pixel_aligned(y, images)]
+    if not aligned:
+        return geometric is not False
+    if geometric:
+        described = ", ".join(f"{type(y).__name__}{tuple(y.shape)}" for y in aligned)
+        raise ValueError(
+            f"AugMixCallback(geometric=True) rotates, shears and translates the training images, but the targets "
+            f"({described}) are masks, points or boxes of those images: the augmented views would no "
+            f"longer match them. Use geometric=None (the default: appearance ops only when the targets are "
+            f"masks) or geometric=False.")
+    return False
 
 
 def repeat_rows(t, times, batch_size):
@@ -188,6 +196,9 @@ class AugMixCallback(Callback):
     its AugMix view (the paper's "AugMix without JSD"). `augment` replaces AugMix by any callable that
     maps a pixel batch in [0, 1] to an augmented batch of the same shape. `fill=None` fills uncovered
     areas of rotate/shear/translate with the dataset mean colour (zero after normalization, as timm).
+    `geometric=None` leaves rotate, shear and translate out when the targets are masks (segmentation:
+    `TensorMask`, or targets [B, ..., H, W]), so every pixel of a view stays where its label is;
+    `False` always leaves them out; `True` always uses them and refuses mask targets.
     `backend` picks the AugMix kernels: None = Triton's fused kernels for CUDA batches (no host sync),
     torch's otherwise; 'torch' or 'triton' to choose (see `fastai_jsd.augment.apply_augmix`).
     """
@@ -197,17 +208,20 @@ class AugMixCallback(Callback):
     run_valid = False
     # Per-fit and per-batch state stays out of the pickle, so an exported Learner carries no batch even when
     # a fit ended between before_batch and after_loss (an exception skips after_fit).
-    _stateattrs = ('_rank_generator', '_rank_seed', 'dls_normalize', 'split_loss', 'loss_takes_splits',
+    _stateattrs = ('_rank_generator', '_rank_seed', 'pixel_stats', 'split_loss', 'loss_takes_splits',
                    'clean_xb', 'clean_yb', 'mix_saved', '_learners')
 
     def __init__(self, num_splits=3, severity=3, width=3, depth=-1, alpha=1., all_ops=False, fill=None,
-                 augment=None, backend=None):
+                 augment=None, geometric=None, backend=None):
         if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
             raise ValueError(f"num_splits must be an int >= 1 (1 = train on the AugMix view only, "
                              f"3 = clean + 2 views as in the paper); got num_splits={num_splits!r}.")
         if augment is not None and not callable(augment):
             raise TypeError(f"augment must be a callable mapping a pixel batch [B, C, H, W] in [0, 1] to an "
                             f"augmented batch of the same shape, or None for AugMix; got {type(augment).__name__}.")
+        if geometric is not None and not isinstance(geometric, bool):
+            raise TypeError(f"geometric must be None (decide from the targets: no rotate, shear or translate for "
+                            f"masks), True or False, got {geometric!r}.")
         if augment is None:
             check_augmix_args(severity=severity, width=width, depth=depth, alpha=alpha, all_ops=all_ops)
         if backend is not None and backend not in BACKENDS:
@@ -216,6 +230,7 @@ class AugMixCallback(Callback):
         self.backend = backend
         self.num_splits, self.severity, self.width, self.depth = num_splits, severity, width, depth
         self.alpha, self.all_ops, self.fill, self.augment = alpha, all_ops, fill, augment
+        self.geometric = geometric
         self.parts_recorder = LossPartsRecorder()
 
     # fastai sets `cb.learn` whenever a callback is added (Learner(cbs=...), add_cb, fit(cbs=...)) and
@@ -270,7 +285,7 @@ class AugMixCallback(Callback):
         """Find the Normalize to decode with and check that loss and model agree with `num_splits`."""
         self.clean_xb = self.clean_yb = self.mix_saved = None  # a batch left by a crashed fit
         check_single_augmix(self.learn)
-        self.dls_normalize = find_normalize(self.dls.train)
+        self.pixel_stats = normalize_stats(self.dls.train, device=None)  # on the loader's device, as its batches
         self.split_loss = underlying_loss(self.learn.loss_func)
         self.loss_takes_splits = bool(getattr(self.split_loss, 'consumes_splits', False))
         loss_splits = getattr(self.split_loss, 'num_splits', None) if self.loss_takes_splits else None
@@ -304,8 +319,9 @@ class AugMixCallback(Callback):
     def before_batch(self):
         """Stack the clean batch and its augmented views: `learn.xb = (cat([clean, aug1, ...]),)`."""
         images = check_image_batch(self.xb)
+        geometric = views_geometric(self.geometric, images, self.yb)
         self.clean_xb, self.clean_yb = self.xb, self.yb
-        views = self.augmented_views(images, max(self.num_splits - 1, 1))
+        views = self.augmented_views(images, max(self.num_splits - 1, 1), geometric)
         stacked = views if self.num_splits == 1 else torch.cat([images, views])
         self.learn.xb = (retain_type(stacked, old=images),)
         if self.num_splits > 1 and not self.loss_takes_splits:
@@ -323,65 +339,51 @@ class AugMixCallback(Callback):
         self.parts_recorder.accumulate(self.split_loss, batch_size)
         self.clean_xb = self.clean_yb = None
 
-    def augmented_views(self, images, num_views):
+    def augmented_views(self, images, num_views, geometric=True):
         """`num_views` augmented copies of normalized `images`, as contiguous blocks, normalized again."""
         pixels = self.decode(images)
         if num_views > 1:
             pixels = pixels.repeat(num_views, 1, 1, 1)
-        views = self.augment_pixels(pixels)
+        views = self.augment_pixels(pixels, geometric)
         # AugMix's output is a new tensor of ours; a custom `augment` may return a tensor it keeps (a cache).
         return self.encode_(views) if self.augment is None else self.encode(views)
 
-    def augment_pixels(self, pixels):
-        """The augmentation itself, on pixels in [0, 1]: AugMix unless `augment` was given."""
+    def augment_pixels(self, pixels, geometric=True):
+        """The augmentation itself, on pixels in [0, 1]: AugMix (with rotate, shear, translate if `geometric`)
+        unless `augment` was given."""
         if self.augment is not None:
             with torch.no_grad():  # augmentation is not part of what the model learns
                 out = self.augment(pixels)
             return check_augment_output(out, pixels)
         return augmix(pixels, severity=self.severity, width=self.width, depth=self.depth, alpha=self.alpha,
                       all_ops=self.all_ops, fill=self.fill_value(pixels),
-                      generator=self.rank_generator(pixels.device), backend=getattr(self, 'backend', None))
+                      generator=self.rank_generator(pixels.device), geometric=geometric,
+                      backend=getattr(self, 'backend', None))
 
     def fill_value(self, pixels):
-        """`fill`, or the dataset mean colour (so it encodes to zero) when None and the data is normalized."""
+        """`fill`, or the colour that normalizes to zero (the dataset mean, as timm fills) when the data is normalized."""
         if self.fill is not None:
             return self.fill
-        norm = getattr(self, "dls_normalize", None)
-        if norm is None:
+        stats = self._stats_like(pixels)
+        if not stats:
             return 0.
-        return torch.as_tensor(norm.mean, device=pixels.device, dtype=pixels.dtype).flatten()
+        return decode(pixels.new_zeros(1, pixels.shape[1], 1, 1), stats).flatten()
 
     def decode(self, images):
-        """Pixels in [0, 1] from a normalized batch, as a new plain tensor (no Normalize: a copy)."""
-        pixels = images.as_subclass(torch.Tensor).float()
-        norm = getattr(self, "dls_normalize", None)
-        if norm is None:
-            return pixels.clone()
-        mean, std = self._stats(norm, pixels)
-        return torch.addcmul(mean, pixels, std)
+        """Pixels in [0, 1] from a normalized batch, as a new plain float tensor, with the DataLoaders' Normalize."""
+        return decode(images, self._stats_like(images))
 
     def encode_(self, pixels):
         """Normalize `pixels` in place (a tensor this callback owns) with the DataLoaders' statistics."""
-        norm = getattr(self, "dls_normalize", None)
-        if norm is None:
-            return pixels
-        mean, std = self._stats(norm, pixels)
-        return pixels.sub_(mean).div_(std)
+        return encode_(pixels, self._stats_like(pixels))
 
     def encode(self, pixels):
         """`pixels` normalized with the DataLoaders' statistics into a new tensor; `pixels` is left as it is."""
-        norm = getattr(self, "dls_normalize", None)
-        if norm is None:
-            return pixels
-        mean, std = self._stats(norm, pixels)
-        return torch.sub(pixels, mean).div_(std)
+        return encode(pixels, self._stats_like(pixels))
 
-    @staticmethod
-    def _stats(norm, like):
-        """Normalize's mean and std as [1, C, 1, 1] tensors on `like`'s device and dtype."""
-        mean = torch.as_tensor(norm.mean, device=like.device, dtype=like.dtype).reshape(1, -1, 1, 1)
-        std = torch.as_tensor(norm.std, device=like.device, dtype=like.dtype).reshape(1, -1, 1, 1)
-        return mean, std
+    def _stats_like(self, like):
+        """The DataLoaders' Normalize statistics on `like`'s device, as float32 (no copy when they are there)."""
+        return [(move(mean, like.device), move(std, like.device)) for mean, std in getattr(self, 'pixel_stats', None) or ()]
 
     def _mix_handler(self):
         """fastai's MixUp/CutMix callback when it wraps the loss this batch (it then holds second targets)."""
@@ -422,10 +424,12 @@ class AugMixCallback(Callback):
             raise TypeError(f"labels must be None (class names when the data has them), True or False; "
                             f"got {labels!r}.")
         loader = dl if dl is not None else self.dls.train
-        self.dls_normalize = find_normalize(loader)
+        self.pixel_stats = normalize_stats(loader, device=None)
         batch = loader.one_batch()
         n_inp = getattr(loader, 'n_inp', 1 if len(batch) == 1 else len(batch) - 1)  # as fastai's Learner splits
-        images = check_image_batch(batch[:n_inp])[:n]
+        images = check_image_batch(batch[:n_inp])
+        geometric = views_geometric(self.geometric, images, batch[n_inp:])
+        images = images[:n]
         names = class_names(loader, batch[n_inp:], images.shape[0]) if labels is not False else None
         if labels and names is None:
             raise ValueError("labels=True needs single-label class targets and a vocab (fastai's CategoryBlock); "
@@ -433,7 +437,7 @@ class AugMixCallback(Callback):
         num_views = max(self.num_splits - 1, 1)
         with torch.no_grad():
             pixels = self.decode(images)
-            views = self.augment_pixels(pixels.repeat(num_views, 1, 1, 1))
+            views = self.augment_pixels(pixels.repeat(num_views, 1, 1, 1), geometric)
         columns = [pixels] + list(views.split(images.shape[0]))
         titles = ['clean'] + [f'aug{i + 1}' for i in range(num_views)]
         rows = images.shape[0]

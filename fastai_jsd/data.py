@@ -1,5 +1,8 @@
 """Fashion-MNIST for fastai: a class-balanced sample bundled with the package, or the full set from idx files.
 
+`fashion_dls` is the classification task; `fashion_segmentation_dls` the segmentation task made from the same
+images (every garment pixel labelled with its class, the background 0), so both need no download.
+
 The sample (5000 training and 1000 validation images, 28x28 gray) lives in `fastai_jsd/_data/` with its
 licence and provenance; `examples/make_fashion_sample.py` rebuilds it from the idx files.
 """
@@ -15,14 +18,23 @@ import numpy as np
 from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.core import DataLoaders
 from fastai.data.transforms import IndexSplitter, IntToFloatTensor, ItemGetter, Normalize
+from fasttransform import ItemTransform
 from fastai.vision.augment import Resize
 from fastai.vision.core import PILImage, PILImageBW
+from fastai.vision.data import MaskBlock
 from PIL import Image
 from torch import Tensor
 
 # Label i of the idx files is FASHION_CLASSES[i] (Fashion-MNIST README); the vocab keeps this order.
 FASHION_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
                    'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
+# Segmentation codes: mask value 0 is the background, value i + 1 a pixel of a garment of class i.
+SEGMENTATION_CODES = ('background',) + FASHION_CLASSES
+# A pixel belongs to the garment when its value is >= 8 (3% of full scale). The background is exactly 0 (half of
+# all pixels of the sample); values 1..7 are the faint halo the dataset's downscaling left around the garments:
+# their counts fall steeply from 1 to 8 (40000 pixels at 1, 4300 at 8 in the training sample) and stay flat
+# above, where the garments' own pixels are. So 8 drops the halo and keeps the darkest parts of dark garments.
+GARMENT_THRESHOLD = 8
 DEBIAN_FASHION_DIR = Path('/usr/share/datasets/fashion-mnist')
 SAMPLE_PATH = Path(__file__).parent / '_data' / 'fashion_mnist_sample.npz'
 IDX_NAMES = {'train_images': 'train-images-idx3-ubyte', 'train_labels': 'train-labels-idx1-ubyte',
@@ -198,6 +210,38 @@ def _check_dls_args(size, bs, full, path, channels, num_workers, seed):
         _check_int('seed', seed, 0)
 
 
+def class_items(arrays: FashionArrays) -> list:
+    """(28x28 uint8 image, label 0..9) pairs, training images first: the items of `fashion_segmentation_dls`."""
+    images = [*arrays.train_images, *arrays.valid_images]
+    labels = np.concatenate([arrays.train_labels, arrays.valid_labels])
+    return list(zip(images, labels.tolist()))
+
+
+def garment_mask(image: np.ndarray, label: int) -> np.ndarray:
+    """The segmentation mask of one Fashion-MNIST image: `label + 1` where the pixel is >= GARMENT_THRESHOLD, else 0."""
+    return np.where(np.asarray(image) >= GARMENT_THRESHOLD, label + 1, 0).astype(np.uint8)
+
+
+class GarmentMask(ItemTransform):
+    """`get_y` of `fashion_segmentation_dls`: the `garment_mask` of an (image, label) item.
+
+    An `ItemTransform`, as `ItemGetter` is: a plain function would be mapped over the tuple's elements.
+    """
+    def encodes(self, item):  # no annotation: fasttransform would dispatch on it and pass tuples through
+        return garment_mask(item[0], item[1])
+
+
+def _dataloaders(block: DataBlock, arrays: FashionArrays, bs, num_workers, device, seed) -> DataLoaders:
+    """`block`'s DataLoaders over `arrays`, with the training loader's own shuffle RNG when `seed` is given."""
+    # The arrays, not a list of 6000 items, are the source: DataBlock formats its source into a
+    # log message even when not verbose, and numpy summarises a big array but not a list of small ones.
+    dls = block.dataloaders(arrays, bs=bs, num_workers=num_workers, device=device)
+    if seed is not None:
+        # fastai's DataLoader shuffles with its own `random.Random`, reseeded from itself every epoch.
+        dls.train.rng = random.Random(seed)
+    return dls
+
+
 def fashion_dls(size=32, bs=64, full=False, path=None, channels=3, num_workers=0, seed=None,
                 device=None) -> DataLoaders:
     """fastai `DataLoaders` of Fashion-MNIST: the bundled sample, or with `full=True` the 60000/10000 idx files.
@@ -220,10 +264,32 @@ def fashion_dls(size=32, bs=64, full=False, path=None, channels=3, num_workers=0
         splitter=IndexSplitter(range(n_train, n_train + n_valid)),
         item_tfms=Resize(size),
         batch_tfms=Normalize.from_stats([mean] * channels, [std] * channels))
-    # The arrays, not a list of 6000 items, are the source: DataBlock formats its source into a
-    # log message even when not verbose, and numpy summarises a big array but not a list of small ones.
-    dls = block.dataloaders(arrays, bs=bs, num_workers=num_workers, device=device)
-    if seed is not None:
-        # fastai's DataLoader shuffles with its own `random.Random`, reseeded from itself every epoch.
-        dls.train.rng = random.Random(seed)
+    return _dataloaders(block, arrays, bs, num_workers, device, seed)
+
+
+def fashion_segmentation_dls(size=32, bs=64, full=False, path=None, channels=3, num_workers=0, seed=None,
+                             device=None) -> DataLoaders:
+    """fastai segmentation `DataLoaders` of Fashion-MNIST: every garment pixel labelled with its class (1..10),
+    the background 0, with `codes` = SEGMENTATION_CODES; for `unet_learner`, no download needed.
+
+    The mask comes from the 28x28 image itself: pixels >= GARMENT_THRESHOLD (8 of 255) are the garment (see
+    GARMENT_THRESHOLD for why 8). Images and masks are resized together to `size` (the masks by nearest
+    neighbour, as fastai does for `TensorMask`); 32, the default, suits a U-Net that halves the size 5 times.
+    The other arguments are `fashion_dls`'s: the bundled sample or `full=True` idx files, `channels=3` gray
+    replicated to RGB, normalization with the training set's pixel statistics, `seed` for the shuffle order.
+    """
+    _check_dls_args(size, bs, full, path, channels, num_workers, seed)
+    arrays = load_fashion_mnist(path) if full else load_fashion_sample()
+    mean, std = pixel_stats(arrays.train_images)
+    n_train, n_valid = len(arrays.train_images), len(arrays.valid_images)
+    block = DataBlock(
+        blocks=(TransformBlock(type_tfms=as_rgb_image if channels == 3 else as_gray_image,
+                               batch_tfms=IntToFloatTensor),
+                MaskBlock(codes=list(SEGMENTATION_CODES))),
+        get_items=class_items, get_x=ItemGetter(0), get_y=GarmentMask(),
+        splitter=IndexSplitter(range(n_train, n_train + n_valid)),
+        item_tfms=Resize(size),
+        batch_tfms=Normalize.from_stats([mean] * channels, [std] * channels))
+    dls = _dataloaders(block, arrays, bs, num_workers, device, seed)
+    dls.vocab = list(SEGMENTATION_CODES)  # as fastai's segmentation tutorial does; MaskBlock only sets `c`
     return dls

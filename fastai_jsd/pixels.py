@@ -9,6 +9,7 @@ fastai is imported only where a DataLoader is searched: the kernels and `corrupt
 import torch
 
 from fastai_jsd._device import move
+from fastai_jsd.augment.checks import image_problem
 
 
 def find_normalize(dl):
@@ -56,6 +57,22 @@ def encode_(pixels, stats):
     for mean, std in stats:
         pixels.sub_(mean).div_(std)
     return pixels
+
+
+def check_image_batch(xb):
+    """The single image tensor of a batch's inputs `xb`; ValueError unless it is a float [B, C, H, W] batch, C in (1, 3)."""
+    images = xb[0] if len(xb) == 1 else None
+    if images is None or image_problem(images, 'images') is not None:
+        raise ValueError(f"AugMixCallback needs image batches (one float tensor [B, C, H, W], C = 1 or 3); "
+                         f"got {_describe(xb)}. Use it with an image DataLoaders (ImageBlock) or remove the callback.")
+    return images
+
+
+def _describe(xb):
+    """Shapes and dtypes of a batch tuple, for error messages."""
+    parts = [f"{type(t).__name__}{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+             for t in xb]
+    return f"{len(parts)} input(s): " + ", ".join(parts)
 
 
 def _normalize_transforms(dl):

@@ -24,7 +24,8 @@ from torch import nn
 
 from _images import photo_crops, to_grayscale
 from fastai_jsd import AugMixCallback, JsdCrossEntropy
-from fastai_jsd.callback import LossPartsRecorder, find_normalize, split_batchnorm
+from fastai_jsd.callback import LossPartsRecorder, split_batchnorm
+from fastai_jsd.pixels import find_normalize, normalize_stats
 
 BS = 8
 
@@ -143,7 +144,7 @@ def test_stacks_clean_first_and_restores_clean_rows(dls):
 def test_augmented_views_are_real_augmix_views_in_pixel_space(dls):
     learn = make_learner(dls)
     cb = learn.aug_mix
-    cb.dls_normalize = find_normalize(dls.train)
+    cb.pixel_stats = normalize_stats(dls.train, device=None)
     images = dls.train.one_batch()[0]
     views = cb.augmented_views(images, 2)
     pixels = cb.decode(views)
@@ -349,11 +350,11 @@ def test_show_labels_each_row_with_its_class(dls, photo_folder):
 
 def test_fill_none_is_the_dataset_mean(dls):
     cb = AugMixCallback()
-    cb.dls_normalize = find_normalize(dls.train)
+    cb.pixel_stats = normalize_stats(dls.train, device=None)
     fill = cb.fill_value(torch.zeros(1, 3, 4, 4))
     torch.testing.assert_close(fill, torch.tensor(imagenet_stats[0]))
     assert AugMixCallback(fill=0.5).fill_value(torch.zeros(1, 3, 4, 4)) == 0.5
-    cb.dls_normalize = None
+    cb.pixel_stats = []
     assert cb.fill_value(torch.zeros(1, 3, 4, 4)) == 0.
 
 

@@ -19,8 +19,9 @@ from PIL import Image
 from torchvision.models import resnet18
 
 from _images import photo_crops
-from fastai_jsd.data import (DEBIAN_FASHION_DIR, FASHION_CLASSES, SAMPLE_PATH, as_gray_image, as_rgb_image,
-                             fashion_dls, load_fashion_mnist, load_fashion_sample, pixel_stats, read_idx)
+from fastai_jsd.data import (DEBIAN_FASHION_DIR, FASHION_CLASSES, GARMENT_THRESHOLD, SAMPLE_PATH, SEGMENTATION_CODES,
+                             as_gray_image, as_rgb_image, fashion_dls, fashion_segmentation_dls, load_fashion_mnist,
+                             load_fashion_sample, pixel_stats, read_idx)
 
 matplotlib.use('Agg')
 
@@ -280,3 +281,61 @@ def test_train_predict_interpret_export_round_trip(sample, tmp_path, channels):
     assert list(loaded.dls.vocab) == list(FASHION_CLASSES)
     loaded_name, _, loaded_probs = loaded.predict(sample.valid_images[0])
     assert loaded_name == name and torch.allclose(loaded_probs, item_probs, atol=1e-5)
+
+
+# --- the segmentation task: garment pixels labelled with their class ------------------------------------
+
+def reference_masks(images, labels):
+    "Masks written from the definition: label + 1 where the pixel is at least the threshold, 0 elsewhere."
+    masks = np.zeros(images.shape, np.int64)
+    for mask, image, label in zip(masks, images, labels):
+        mask[image >= GARMENT_THRESHOLD] = int(label) + 1
+    return masks
+
+
+@pytest.mark.parametrize('channels,image_type', [(3, TensorImage), (1, TensorImageBW)])
+def test_segmentation_batches_are_images_and_their_garment_masks(sample, channels, image_type):
+    from fastai.torch_core import TensorMask
+    dls = fashion_segmentation_dls(size=28, bs=50, channels=channels)
+    xb, yb = dls.valid.one_batch()
+    assert type(xb) is image_type and xb.shape == (50, channels, 28, 28)
+    assert type(yb) is TensorMask and yb.shape == (50, 28, 28) and yb.dtype == torch.int64
+    np.testing.assert_array_equal(yb.cpu().numpy(), reference_masks(sample.valid_images[:50], sample.valid_labels[:50]))
+    pixels = dls.valid.decode((xb, yb))[0]  # the images are fashion_dls's images
+    assert (pixels[:, 0].cpu().long() - torch.from_numpy(sample.valid_images[:50]).long()).abs().max() <= 1
+    assert list(dls.vocab) == list(SEGMENTATION_CODES) == ['background', *FASHION_CLASSES]
+    assert dls.train.after_item.c == 11 and len(dls.train_ds) == 5000 and len(dls.valid_ds) == 1000
+
+
+def test_segmentation_masks_resize_with_their_images(sample):
+    dls = fashion_segmentation_dls(size=40, bs=20, seed=0)
+    _, yb = dls.valid.one_batch()
+    assert yb.shape == (20, 40, 40)
+    # nearest neighbour: only the background and the image's own class appear, never an interpolated value
+    for mask, label in zip(yb.cpu(), sample.valid_labels[:20]):
+        assert set(mask.unique().tolist()) <= {0, int(label) + 1}
+        assert (mask == int(label) + 1).float().mean() > 0.1
+
+
+def test_segmentation_threshold_drops_the_halo_and_keeps_the_garment(sample):
+    "Below the threshold the pixel counts fall steeply (halo), above it they are flat (garment): see data.py."
+    counts = np.bincount(sample.train_images.reshape(-1), minlength=256)
+    assert counts[1] > 5 * counts[GARMENT_THRESHOLD]
+    flat = counts[GARMENT_THRESHOLD:64]
+    assert flat.max() < 1.5 * flat.min()
+    garment = (sample.train_images >= GARMENT_THRESHOLD).mean()
+    assert 0.4 < garment < (sample.train_images > 0).mean()
+
+
+@pytest.mark.parametrize('kwargs,name', [(dict(size=4), 'size'), (dict(bs=0), 'bs'), (dict(channels=2), 'channels'),
+                                         (dict(path='/tmp'), 'path'), (dict(seed=-1), 'seed')])
+def test_segmentation_bad_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=rf'^{name}\b|{name}='):
+        fashion_segmentation_dls(**kwargs)
+
+
+def test_segmentation_show_batch_uses_the_codes():
+    import matplotlib.pyplot as plt
+    fashion_segmentation_dls(bs=8).show_batch(max_n=4)
+    assert len(plt.gcf().axes) >= 4
+    plt.close('all')

@@ -484,3 +484,208 @@ def test_integer_targets_that_are_not_1d_raise(shape):
 def test_boolean_targets_raise_type_error():
     with pytest.raises(TypeError, match=r"torch.bool.*\(3,\)"):
         JsdCrossEntropy()(random_logits(3, 5), torch.zeros(3, dtype=torch.bool))
+
+
+# --- dense predictions (segmentation): class axis 1, targets [B, *spatial] -----------------------------
+
+def dense_case(k, n_images, n_classes, spatial, ignored_fraction=0.2, seed=0):
+    "Float64 logits [k*B, C, *spatial] and class-index masks [B, *spatial] with some pixels set to -100."
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(k * n_images, n_classes, *spatial, generator=generator, dtype=torch.float64) * 3
+    target = torch.randint(0, n_classes, (n_images, *spatial), generator=generator)
+    ignored = torch.rand(target.shape, generator=generator) < ignored_fraction
+    return logits, target.masked_fill(ignored, -100)
+
+
+def per_pixel_reference(logits, target, k, alpha, smoothing, ignore_index=-100):
+    "The loss of every pixel from torch's own functions: F.cross_entropy on the clean block + alpha x JSD via F.kl_div."
+    n_images = target.shape[0]
+    cross_entropy = F.cross_entropy(logits[:n_images], target, label_smoothing=smoothing, ignore_index=ignore_index,
+                                    reduction="none")
+    if k == 1:
+        return cross_entropy
+    probs = [F.softmax(split, dim=1) for split in logits.split(n_images)]
+    log_mixture = torch.stack(probs).mean(dim=0).clamp(1e-7, 1).log()
+    divergence = sum(F.kl_div(log_mixture, p, reduction="none").sum(dim=1) for p in probs) / k
+    return cross_entropy + alpha * divergence * (target != ignore_index)
+
+
+def timm_on_flattened_pixels(logits, target, k, alpha, smoothing, ignore_index=-100):
+    "timm's loss with every counted pixel as one row: k blocks of the counted pixels, clean block first."
+    n_classes = logits.shape[1]
+    rows = logits.movedim(1, -1).reshape(k, -1, n_classes)
+    counted = target.reshape(-1) != ignore_index
+    pixels = rows[:, counted].reshape(-1, n_classes)
+    return TimmJsd(k, alpha, smoothing)(pixels, target.reshape(-1)[counted])
+
+
+@pytest.mark.parametrize("spatial", [(7,), (3, 5), (2, 3, 4)], ids=["1d", "2d", "3d"])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("smoothing", [0, 0.1])
+@pytest.mark.parametrize("ignored_fraction", [0, 0.3])
+def test_dense_matches_per_pixel_reference_and_timm_on_flattened_pixels(spatial, k, smoothing, ignored_fraction):
+    logits, target = dense_case(k, 3, 5, spatial, ignored_fraction, seed=k)
+    loss = JsdCrossEntropy(num_splits=k, alpha=12, smoothing=smoothing)
+    ours, our_grad = value_and_grad(loss, logits, target)
+    counted = (target != -100).sum()
+
+    def pixel_mean(x, y):
+        return per_pixel_reference(x, y, k, 12, smoothing).sum() / counted
+    reference, reference_grad = value_and_grad(pixel_mean, logits, target)
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(our_grad, reference_grad, rtol=1e-8, atol=1e-12)
+    flattened = lambda x, y: timm_on_flattened_pixels(x, y, k, 12, smoothing) if k > 1 else \
+        F.cross_entropy(x, y, label_smoothing=smoothing)
+    timm_value, timm_grad = value_and_grad(flattened, logits, target)
+    torch.testing.assert_close(ours, timm_value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(our_grad, timm_grad, rtol=1e-8, atol=1e-12)
+    # the parts are the per-pixel means of the two terms
+    clean_cross_entropy = F.cross_entropy(logits[:3], target, label_smoothing=smoothing)
+    torch.testing.assert_close(loss.last_cross_entropy, clean_cross_entropy)
+    torch.testing.assert_close(loss.last_cross_entropy + loss.last_consistency, ours)
+
+
+@pytest.mark.parametrize("smoothing", [0, 0.1])
+@pytest.mark.parametrize("ignore_index", [-100, 0, 4])
+def test_dense_one_split_is_torch_cross_entropy(smoothing, ignore_index):
+    "k = 1 is F.cross_entropy with the same label_smoothing and ignore_index, for every reduction."
+    logits, target = dense_case(1, 4, 5, (6, 7), ignored_fraction=0.25)
+    target = target.masked_fill(target == -100, ignore_index)
+    loss = JsdCrossEntropy(smoothing=smoothing, ignore_index=ignore_index)
+    for reduction in ("mean", "sum"):
+        loss.reduction = reduction
+        ours, our_grad = value_and_grad(loss, logits, target)
+        reference = lambda x, y: F.cross_entropy(x, y, label_smoothing=smoothing, ignore_index=ignore_index,
+                                                 reduction=reduction)
+        theirs, their_grad = value_and_grad(reference, logits, target)
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(our_grad, their_grad)
+    loss.reduction = "none"
+    per_pixel = F.cross_entropy(logits, target, label_smoothing=smoothing, ignore_index=ignore_index,
+                                reduction="none")
+    counted = (target != ignore_index).flatten(1).sum(1)
+    torch.testing.assert_close(loss(logits, target), per_pixel.flatten(1).sum(1) / counted)
+
+
+def test_smoothing_spreads_s_over_all_classes_as_torch_not_over_the_wrong_ones():
+    """timm's (1 - s) CE + s mean_c(-log p_c) is cross-entropy against (1 - s) one_hot + s / C (torch's
+    label_smoothing: the true class gets its share of s too), not against s / (C - 1) on the other classes."""
+    n_classes, s = 5, 0.2
+    logits, target = dense_case(1, 2, n_classes, (3, 4), ignored_fraction=0)
+    one_hot = F.one_hot(target, n_classes).movedim(-1, 1).double()
+    torch_spread = (1 - s) * one_hot + s / n_classes
+    other_spread = (1 - s) * one_hot + s / (n_classes - 1) * (1 - one_hot)
+    ours = JsdCrossEntropy(smoothing=s, reduction="none")(logits, target)
+    against = lambda soft: F.cross_entropy(logits, soft, reduction="none").flatten(1).mean(1)
+    torch.testing.assert_close(ours, against(torch_spread))
+    assert (ours - against(other_spread)).abs().min() > 1e-3
+
+
+def test_dense_reduction_none_is_timm_per_image_and_sum_is_over_counted_pixels():
+    logits, target = dense_case(3, 4, 6, (5, 5), ignored_fraction=0.3)
+    loss = JsdCrossEntropy(reduction="none")
+    per_image = loss(logits, target)
+    assert per_image.shape == (4,)
+    expected = torch.stack([timm_on_flattened_pixels(logits[i::4], target[i:i + 1], 3, 12, 0.1) for i in range(4)])
+    torch.testing.assert_close(per_image, expected)
+    loss.reduction = "sum"
+    torch.testing.assert_close(loss(logits, target), per_pixel_reference(logits, target, 3, 12, 0.1).sum())
+
+
+def test_dense_ignored_pixels_get_no_gradient_and_an_all_ignored_batch_gives_zero():
+    logits, target = dense_case(3, 2, 4, (4, 4), ignored_fraction=0.5)
+    _, grad = value_and_grad(JsdCrossEntropy(), logits, target)
+    ignored = (target == -100).repeat(3, 1, 1).unsqueeze(1).expand_as(grad)
+    assert (grad[ignored] == 0).all() and (grad[~ignored] != 0).any()
+    all_ignored = torch.full_like(target, -100)
+    value, grad = value_and_grad(JsdCrossEntropy(), logits, all_ignored)
+    assert value == 0 and (grad == 0).all()  # torch's F.cross_entropy gives nan here
+    assert torch.isnan(F.cross_entropy(logits[:2], all_ignored))
+
+
+def test_ignore_index_applies_to_class_rows_as_in_torch():
+    logits = random_logits(6, 4)
+    target = random_targets(6, 4).index_fill(0, torch.tensor([1, 4]), -100)
+    ours, our_grad = value_and_grad(JsdCrossEntropy(), logits, target)
+    theirs, their_grad = value_and_grad(lambda x, y: F.cross_entropy(x, y, label_smoothing=0.1), logits, target)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(our_grad, their_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32])
+def test_dense_targets_of_any_integer_dtype(dtype):
+    logits, target = dense_case(3, 2, 4, (3, 3), ignored_fraction=0)
+    torch.testing.assert_close(JsdCrossEntropy()(logits, target.to(dtype)), JsdCrossEntropy()(logits, target))
+
+
+def test_dense_activation_and_decodes_are_fastais_axis_1():
+    from fastai.losses import CrossEntropyLossFlat
+    logits, _ = dense_case(1, 2, 5, (3, 4))
+    loss, flat = JsdCrossEntropy(), CrossEntropyLossFlat(axis=1)
+    torch.testing.assert_close(loss.activation(logits), torch.softmax(logits, dim=1))
+    torch.testing.assert_close(loss.activation(logits), flat.activation(logits))
+    assert torch.equal(loss.decodes(logits), logits.argmax(dim=1))
+    assert torch.equal(loss.decodes(logits), flat.decodes(logits))
+
+
+def test_timm_style_repeated_targets_read_as_one_split():
+    "k*B targets (timm's collate repeats them) make k = 1: plain cross-entropy on every row, no consistency term."
+    logits = random_logits(12, 5)
+    target = random_targets(4, 5)
+    loss = JsdCrossEntropy()
+    repeated = loss(logits, target.repeat(3))
+    torch.testing.assert_close(repeated, F.cross_entropy(logits, target.repeat(3), label_smoothing=0.1))
+    assert loss.last_consistency == 0
+    assert not torch.allclose(repeated, loss(logits, target))
+
+
+@pytest.mark.parametrize("target_shape", [(2,), (2, 3), (2, 3, 5), (2, 4, 4), (2, 4, 3, 1)])
+def test_dense_targets_of_the_wrong_shape_raise(target_shape):
+    pred = torch.zeros(6, 5, 4, 3)
+    with pytest.raises(ValueError) as error:
+        JsdCrossEntropy()(pred, torch.zeros(target_shape, dtype=torch.long))
+    message = str(error.value)
+    assert "(6, 5, 4, 3)" in message and str(target_shape) in message and "[B, 4, 3]" in message
+
+
+def test_dense_float_targets_raise_type_error():
+    with pytest.raises(TypeError, match=r"integer class indices \[B, 4, 3\].*torch.float32.*argmax"):
+        JsdCrossEntropy()(torch.zeros(6, 5, 4, 3), torch.zeros(2, 4, 3))
+
+
+@pytest.mark.parametrize("value", [1.5, True, "void", None])
+def test_bad_ignore_index_raises(value):
+    with pytest.raises(ValueError, match=r"ignore_index must be an integer.*got " + re.escape(repr(value))):
+        JsdCrossEntropy(ignore_index=value)
+
+
+def test_ignore_index_survives_pickling():
+    loss = pickle.loads(pickle.dumps(JsdCrossEntropy(ignore_index=11)))
+    assert loss.ignore_index == 11
+    state = JsdCrossEntropy().__getstate__()
+    del state["ignore_index"]  # a loss pickled before ignore_index existed
+    old = JsdCrossEntropy.__new__(JsdCrossEntropy)
+    old.__setstate__(state)
+    logits, target = dense_case(1, 2, 4, (3, 3), ignored_fraction=0.3)
+    torch.testing.assert_close(old(logits, target), JsdCrossEntropy()(logits, target))
+
+
+# --- the class passed where an instance is needed (issue 11, item 12) ---------------------------------
+
+def test_class_instead_of_instance_says_so_without_printing_tensors(tmp_path):
+    learn = tiny_learner(JsdCrossEntropy, tmp_path)
+    with pytest.raises(TypeError) as error, learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-2)
+    message = str(error.value)
+    assert "loss_func=JsdCrossEntropy()" in message and "instance" in message
+    assert "tensor(" not in message and len(message) < 400
+
+
+def test_messages_show_tensors_by_shape_only():
+    big = torch.randn(64, 10)
+    for kwargs in (dict(num_splits=big), dict(alpha=big), dict(smoothing=big), dict(ignore_index=big),
+                   dict(reduction=big)):
+        with pytest.raises(ValueError) as error:
+            JsdCrossEntropy(**kwargs)
+        message = str(error.value)
+        assert "tensor(" not in message and "(64, 10)" in message and len(message) < 300
