@@ -72,12 +72,12 @@ def loss_name(loss_func):
     return 'cross-entropy' if alpha is None else f'cross-entropy + {alpha:g} x Jensen-Shannon consistency'
 
 
-def label_lr_find(fig, model_name, loss, suggested, used):
+def label_lr_find(fig, model_name, loss, suggested, used, suggestion='valley'):
     "Title lr_find's figure with the model and its loss, and mark the suggestion and the learning rate fit used."
     ax = fig.axes[0]
     for line in ax.get_lines():
-        if line.get_label() == 'valley':
-            line.set_label(f"lr_find's valley suggestion: {suggested:.2g}")
+        if line.get_label() == suggestion:
+            line.set_label(f"lr_find's {suggestion} suggestion: {suggested:.2g}")
     ax.axvline(used, color='tab:red', linestyle='--', label=f'used by fit_one_cycle: {used:.2g}')
     ax.set_title(f'lr_find: {model_name}')
     ax.set_ylabel(f'training loss, smoothed\n({loss})')
@@ -86,15 +86,18 @@ def label_lr_find(fig, model_name, loss, suggested, used):
     return fig
 
 
-def suggested_lr(learn, model_name, figure_path, quick):
-    "lr_find's 'valley' suggestion, kept within LR_RANGE; its figure (model, rate used) is saved to `figure_path`."
-    suggestion = lr_find_leaving_no_files(learn, num_it=20 if quick else 100, suggest_funcs=(valley,))
-    lr = float(suggestion.valley)
+def suggested_lr(learn, model_name, figure_path, quick, suggest=valley):
+    """lr_find's suggestion (`valley`, or another of fastai's suggestion functions), kept within LR_RANGE.
+
+    Its figure, naming the model and marking the rate used, is saved to `figure_path`.
+    """
+    suggestion = lr_find_leaving_no_files(learn, num_it=20 if quick else 100, suggest_funcs=(suggest,))
+    lr = float(getattr(suggestion, suggest.__name__))
     low, high = LR_RANGE
     used = FALLBACK_LR if math.isnan(lr) else min(max(lr, low), high)
     if used != lr:
         print(f'{model_name}: lr_find suggested {lr:.2g}, using {used:.2g}')
-    label_lr_find(plt.gcf(), model_name, loss_name(learn.loss_func), lr, used)
+    label_lr_find(plt.gcf(), model_name, loss_name(learn.loss_func), lr, used, suggest.__name__)
     plt.gcf().savefig(figure_path, bbox_inches='tight')
     plt.close('all')
     return used

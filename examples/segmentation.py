@@ -19,9 +19,7 @@ translate), so every pixel of a view keeps its label. Each model gets its own `l
 `evaluate_robustness` (pixel error and mean IoU, clean and corrupted), printed side by side and
 written to `--out` with a figure of predictions and one of the AugMix views.
 """
-import argparse
 import functools
-import math
 import time
 from pathlib import Path
 
@@ -31,16 +29,12 @@ import matplotlib.pyplot as plt
 
 from fastai.vision.all import *
 
+from course import course_parser, finish_args, suggested_lr
 from fastai_jsd import AugMixCallback, JsdCrossEntropy, evaluate_robustness
 from fastai_jsd.data import fashion_segmentation_dls
 
 MODELS = {'baseline': 'baseline (cross-entropy)', 'augmix_jsd': 'AugMix + JSD'}
-# lr_find's `minimum` (the lowest loss's rate / 10, the course's rule of thumb), not `valley`: the loss of these
-# small U-Nets keeps falling from 1e-3 to 1e-1, and `valley` (about 7e-4, at the start of the descent) trains them
-# slowly. Kept within LR_RANGE, where Adam + one-cycle trains them well, as in quickstart.py.
-LR_RANGE = (1e-3, 1e-2)
-FALLBACK_LR = 3e-3       # when lr_find gives nothing usable
-QUICK = dict(train=256, valid=64, epochs=1, lr_find_iterations=10)
+QUICK = dict(train=256, valid=64)
 
 
 def small_encoder(pretrained=False, n_in=3, widths=(8, 16, 32, 64)):
@@ -57,28 +51,21 @@ ARCHS = {'small': small_encoder, 'resnet18': resnet18, 'resnet34': resnet34}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--out', type=Path, default=Path('./segmentation_out'), help='folder for the table and figures')
+    parser = course_parser(__doc__.splitlines()[0], out='./segmentation_out', arch='small', size=None, bs=64,
+                           epochs=(3, 1), arch_help=f"the U-Net's encoder: {', '.join(sorted(ARCHS))} (small is this "
+                                                     f"script's; the resnets are trained from scratch)",
+                           quick_help=f"a smoke test: {QUICK['train']} training and {QUICK['valid']} validation "
+                                      f"images, one epoch")
     parser.add_argument('--path', type=Path, default=None,
                         help='a CamVid-style folder (images/, labels/, codes.txt) instead of Fashion-MNIST')
-    parser.add_argument('--quick', action='store_true',
-                        help=f"a smoke test: {QUICK['train']} training and {QUICK['valid']} validation images, one epoch")
-    parser.add_argument('--epochs', type=int, default=None, help='epochs per model (default 3, --quick 1)')
-    parser.add_argument('--size', type=int, default=None, help='image size in pixels (default 28; 96 with --path)')
-    parser.add_argument('--arch', default='small', choices=sorted(ARCHS),
-                        help="the U-Net's encoder: small (this script's) or a resnet (trained from scratch)")
-    parser.add_argument('--bs', type=int, default=64, help='clean images per batch (AugMix + JSD sees 3x)')
     parser.add_argument('--eval-images', type=int, default=500,
                         help='validation images scored under every corruption (default 500; all with --path)')
-    parser.add_argument('--seed', type=int, default=42)
     args = parser.parse_args(argv)
-    if args.epochs is None:
-        args.epochs = QUICK['epochs'] if args.quick else 3
     if args.size is None:
         args.size = 96 if args.path else 28
-    for name, least in dict(epochs=1, bs=1, size=16, eval_images=1).items():
-        if getattr(args, name) < least:
-            parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
+    args = finish_args(parser, args, dict(epochs=1, bs=1, size=16, eval_images=1))
+    if args.arch not in ARCHS:
+        parser.error(f"--arch must be one of {', '.join(sorted(ARCHS))}, got {args.arch!r}")
     if args.path is not None:
         missing = [name for name in ('images', 'labels', 'codes.txt') if not (args.path / name).exists()]
         if missing:
@@ -145,25 +132,9 @@ def make_learner(dls, args, augmix, ignore_index):
                  else CrossEntropyLossFlat(axis=1, ignore_index=ignore_index))
     cbs = [AugMixCallback()] if augmix else []
     n_in = dls.one_batch()[0].shape[1]
-    # path=out: lr_find's temporary weights go to out/models, not to the current folder
+    # path=out: anything the Learner saves goes to --out, not to the current folder
     return unet_learner(dls, ARCHS[args.arch], pretrained=False, n_in=n_in, loss_func=loss_func, cbs=cbs,
                         metrics=[pixel_error_metric(ignore_index), JaccardCoeffMulti()], path=args.out)
-
-
-def suggested_lr(learn, name, args):
-    "lr_find's `minimum` suggestion (kept within LR_RANGE), its figure saved with the model's name and the rate used."
-    suggestion = learn.lr_find(num_it=QUICK['lr_find_iterations'] if args.quick else 100, suggest_funcs=(minimum,))
-    lr = float(suggestion.minimum)
-    used = FALLBACK_LR if math.isnan(lr) else min(max(lr, LR_RANGE[0]), LR_RANGE[1])
-    ax = plt.gca()
-    ax.axvline(used, color='tab:red', linestyle='--', label=f'used: {used:.2g}')
-    ax.legend()
-    ax.set_title(f'lr_find: {MODELS[name]}')
-    plt.gcf().savefig(args.out / f'lr_find_{name}.png', bbox_inches='tight')
-    plt.close('all')
-    if used != lr:
-        print(f'{MODELS[name]}: lr_find suggested {lr:.2g}, using {used:.2g}')
-    return used
 
 
 def train(args, name, ignore_index):
@@ -172,7 +143,9 @@ def train(args, name, ignore_index):
     set_seed(args.seed, reproducible=True)
     learn = make_learner(load_data(args), args, augmix=name == 'augmix_jsd', ignore_index=ignore_index)
     start = time.perf_counter()
-    lr = suggested_lr(learn, name, args)
+    # lr_find's `minimum` (the lowest loss's rate / 10, the course's rule of thumb), not `valley`: the loss of
+    # these small U-Nets keeps falling from 1e-3 to 1e-1, and `valley` (about 7e-4) trains them slowly.
+    lr = suggested_lr(learn, MODELS[name], args.out / f'lr_find_{name}.png', args.quick, suggest=minimum)
     print(f'\n{MODELS[name]}: fit_one_cycle({args.epochs}, {lr:.2g})')
     learn.fit_one_cycle(args.epochs, lr)
     return learn, time.perf_counter() - start
@@ -188,29 +161,20 @@ def evaluation_loader(learn, args):
 
 
 def robustness(learn, baseline, dl, seed):
-    """`evaluate_robustness` of both models on the same corrupted images, or None where this fastai_jsd
-    scores classification only (segmentation support comes with the pixel error / mean IoU release)."""
+    "`evaluate_robustness` of both models on the same corrupted images: pixel error and mean IoU."
     set_seed(seed)  # the corruptions' random draws
-    try:
-        return evaluate_robustness(learn, dl=dl, baseline=baseline)
-    except ValueError as error:
-        if 'classification' not in str(error):
-            raise
-        return None
+    return evaluate_robustness(learn, dl=dl, baseline=baseline)
 
 
 def summary_table(learners, result, seconds):
     "One row per model: clean and mean corrupted pixel error and mIoU, mCE, seconds (fractions, not percent)."
     rows = {}
     for name, learn in learners.items():
-        if result is None:  # clean scores only, from the training metrics
-            row = dict(zip(['clean_pixel_error', 'clean_mean_iou'], learn.validate()[1:]))
-        else:
-            own = result if name == 'augmix_jsd' else result.baseline
-            row = dict(clean_pixel_error=own.clean_error, clean_mean_iou=own.clean_mean_iou,
-                       corrupted_pixel_error=own.mean_corruption_error, corrupted_mean_iou=own.mean_corrupted_iou,
-                       mce_vs_baseline=1.0 if own.mce is None else own.mce)
-        rows[MODELS[name]] = dict(row, train_seconds=seconds[name])
+        own = result if name == 'augmix_jsd' else result.baseline
+        rows[MODELS[name]] = dict(clean_pixel_error=own.clean_error, clean_mean_iou=own.clean_mean_iou,
+                                  corrupted_pixel_error=own.mean_corruption_error,
+                                  corrupted_mean_iou=own.mean_corrupted_iou,
+                                  mce_vs_baseline=1.0 if own.mce is None else own.mce, train_seconds=seconds[name])
     return pd.DataFrame.from_dict(rows, orient='index').rename_axis('model')
 
 
@@ -269,19 +233,12 @@ def main(argv=None):
     table = summary_table(learners, result, seconds)
     table.to_csv(args.out / 'results.csv', float_format='%.6g')
     print_table(table)
-    if result is None:
-        print('(no corrupted scores: this version of evaluate_robustness scores classification only; the clean '
-              'scores are learn.validate() on the validation set)')
-    else:
-        per_condition = pd.concat([result.baseline.table.assign(model=MODELS['baseline']),
-                                   result.table.assign(model=MODELS['augmix_jsd'])])
-        per_condition.to_csv(args.out / 'corruption_scores.csv', index=False, float_format='%.6g')
+    per_condition = pd.concat([result.baseline.table.assign(model=MODELS['baseline']),
+                               result.table.assign(model=MODELS['augmix_jsd'])])
+    per_condition.to_csv(args.out / 'corruption_scores.csv', index=False, float_format='%.6g')
     if args.quick:
         print(f"(--quick trains on {QUICK['train']} images for one epoch: a smoke test, not a comparison)")
     figures = save_figures(learners, args)
-    models_dir = args.out / 'models'
-    if models_dir.is_dir() and not any(models_dir.iterdir()):
-        models_dir.rmdir()  # lr_find's temporary weights are gone; leave no empty folder behind
     print(f'\nTable: {args.out / "results.csv"}')
     print('Figures: ' + ', '.join(str(path) for path in figures + [args.out / f'lr_find_{n}.png' for n in MODELS]))
     print(f'Total time: {time.perf_counter() - started:.0f} s')

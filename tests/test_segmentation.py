@@ -289,6 +289,8 @@ TABLE_ROW = re.compile(r'^\| (baseline \(cross-entropy\)|AugMix \+ JSD) \| ([0-9
 
 
 def load_example():
+    if str(EXAMPLE.parent) not in sys.path:  # as `python examples/segmentation.py` has it: it imports course.py
+        sys.path.insert(0, str(EXAMPLE.parent))
     spec = importlib.util.spec_from_file_location('segmentation_example', EXAMPLE)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
@@ -307,7 +309,10 @@ def check_outputs(out, printed):
     assert all(0 <= float(error) <= 100 and 0 <= float(iou) <= 100 for _, error, iou in rows)
     table = pd.read_csv(out / 'results.csv', index_col='model')
     assert list(table.index) == ['baseline (cross-entropy)', 'AugMix + JSD']
-    assert {'clean_pixel_error', 'clean_mean_iou', 'train_seconds'} <= set(table.columns)
+    assert {'clean_pixel_error', 'clean_mean_iou', 'corrupted_pixel_error', 'corrupted_mean_iou',
+            'mce_vs_baseline', 'train_seconds'} <= set(table.columns)
+    scores = pd.read_csv(out / 'corruption_scores.csv')
+    assert set(scores.model) == set(table.index) and {'pixel_error', 'mean_iou'} <= set(scores.columns)
     for name in ('predictions_baseline', 'predictions_augmix_jsd', 'augmix_views', 'lr_find_baseline',
                  'lr_find_augmix_jsd'):
         check_png(out / f'{name}.png')
