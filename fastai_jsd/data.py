@@ -231,6 +231,20 @@ class GarmentMask(ItemTransform):
         return garment_mask(item[0], item[1])
 
 
+def _fashion_block(arrays: FashionArrays, size, channels, target_block, get_items, get_y) -> DataBlock:
+    """The DataBlock of both Fashion-MNIST tasks: gray or RGB images resized to `size`, normalized with the
+    training images' own statistics, the official validation images as the validation set, and `target_block`."""
+    mean, std = pixel_stats(arrays.train_images)
+    n_train, n_valid = len(arrays.train_images), len(arrays.valid_images)
+    return DataBlock(
+        blocks=(TransformBlock(type_tfms=as_rgb_image if channels == 3 else as_gray_image,
+                               batch_tfms=IntToFloatTensor), target_block),
+        get_items=get_items, get_x=ItemGetter(0), get_y=get_y,
+        splitter=IndexSplitter(range(n_train, n_train + n_valid)),
+        item_tfms=Resize(size),
+        batch_tfms=Normalize.from_stats([mean] * channels, [std] * channels))
+
+
 def _dataloaders(block: DataBlock, arrays: FashionArrays, bs, num_workers, device, seed) -> DataLoaders:
     """`block`'s DataLoaders over `arrays`, with the training loader's own shuffle RNG when `seed` is given."""
     # The arrays, not a list of 6000 items, are the source: DataBlock formats its source into a
@@ -254,16 +268,8 @@ def fashion_dls(size=32, bs=64, full=False, path=None, channels=3, num_workers=0
     """
     _check_dls_args(size, bs, full, path, channels, num_workers, seed)
     arrays = load_fashion_mnist(path) if full else load_fashion_sample()
-    mean, std = pixel_stats(arrays.train_images)
-    n_train, n_valid = len(arrays.train_images), len(arrays.valid_images)
-    block = DataBlock(
-        blocks=(TransformBlock(type_tfms=as_rgb_image if channels == 3 else as_gray_image,
-                               batch_tfms=IntToFloatTensor),
-                CategoryBlock(vocab=list(FASHION_CLASSES), sort=False)),
-        get_items=labelled_items, get_x=ItemGetter(0), get_y=ItemGetter(1),
-        splitter=IndexSplitter(range(n_train, n_train + n_valid)),
-        item_tfms=Resize(size),
-        batch_tfms=Normalize.from_stats([mean] * channels, [std] * channels))
+    block = _fashion_block(arrays, size, channels, CategoryBlock(vocab=list(FASHION_CLASSES), sort=False),
+                           get_items=labelled_items, get_y=ItemGetter(1))
     return _dataloaders(block, arrays, bs, num_workers, device, seed)
 
 
@@ -280,16 +286,8 @@ def fashion_segmentation_dls(size=32, bs=64, full=False, path=None, channels=3, 
     """
     _check_dls_args(size, bs, full, path, channels, num_workers, seed)
     arrays = load_fashion_mnist(path) if full else load_fashion_sample()
-    mean, std = pixel_stats(arrays.train_images)
-    n_train, n_valid = len(arrays.train_images), len(arrays.valid_images)
-    block = DataBlock(
-        blocks=(TransformBlock(type_tfms=as_rgb_image if channels == 3 else as_gray_image,
-                               batch_tfms=IntToFloatTensor),
-                MaskBlock(codes=list(SEGMENTATION_CODES))),
-        get_items=class_items, get_x=ItemGetter(0), get_y=GarmentMask(),
-        splitter=IndexSplitter(range(n_train, n_train + n_valid)),
-        item_tfms=Resize(size),
-        batch_tfms=Normalize.from_stats([mean] * channels, [std] * channels))
+    block = _fashion_block(arrays, size, channels, MaskBlock(codes=list(SEGMENTATION_CODES)),
+                           get_items=class_items, get_y=GarmentMask())
     dls = _dataloaders(block, arrays, bs, num_workers, device, seed)
     dls.vocab = list(SEGMENTATION_CODES)  # as fastai's segmentation tutorial does; MaskBlock only sets `c`
     return dls
