@@ -37,7 +37,7 @@ def test_the_augmentation_knows_nothing_of_fastai(path):
 
 
 @pytest.mark.parametrize('path', sources('robustness'), ids=lambda p: p.name)
-def test_the_robustness_report_uses_only_the_public_augmentation(path):
+def test_the_robustness_report_knows_nothing_of_the_callback_or_the_loss(path):
     for name in imported_modules(path):
         assert not name.startswith('fastai_jsd.callback') and not name.startswith('fastai_jsd.loss'), name
 
