@@ -208,7 +208,7 @@ class AugMixCallback(Callback):
     run_valid = False
     # Per-fit and per-batch state stays out of the pickle, so an exported Learner carries no batch even when
     # a fit ended between before_batch and after_loss (an exception skips after_fit).
-    _stateattrs = ('_rank_generator', '_rank_seed', 'pixel_stats', 'split_loss', 'loss_takes_splits',
+    _stateattrs = ('_rank_generator', '_rank_seed', 'pixel_stats', 'mean_colour', 'split_loss', 'loss_takes_splits',
                    'clean_xb', 'clean_yb', 'mix_saved', '_learners')
 
     def __init__(self, num_splits=3, severity=3, width=3, depth=-1, alpha=1., all_ops=False, fill=None,
@@ -285,7 +285,7 @@ class AugMixCallback(Callback):
         """Find the Normalize to decode with and check that loss and model agree with `num_splits`."""
         self.clean_xb = self.clean_yb = self.mix_saved = None  # a batch left by a crashed fit
         check_single_augmix(self.learn)
-        self.pixel_stats = normalize_stats(self.dls.train, device=None)  # on the loader's device, as its batches
+        self.read_normalize(self.dls.train)
         self.split_loss = underlying_loss(self.learn.loss_func)
         self.loss_takes_splits = bool(getattr(self.split_loss, 'consumes_splits', False))
         loss_splits = getattr(self.split_loss, 'num_splits', None) if self.loss_takes_splits else None
@@ -361,13 +361,22 @@ class AugMixCallback(Callback):
                       backend=getattr(self, 'backend', None))
 
     def fill_value(self, pixels):
-        """`fill`, or the colour that normalizes to zero (the dataset mean, as timm fills) when the data is normalized."""
+        """`fill`, or the colour that normalizes to zero (the dataset mean, as timm fills) for normalized data."""
         if self.fill is not None:
             return self.fill
-        stats = self._stats_like(pixels)
-        if not stats:
-            return 0.
-        return decode(pixels.new_zeros(1, pixels.shape[1], 1, 1), stats).flatten()
+        colour = getattr(self, 'mean_colour', None)
+        return 0. if colour is None else move(colour, pixels.device)
+
+    def read_normalize(self, dl):
+        """Take the Normalize statistics of `dl` (on its device, as its batches), and the colour that encodes to zero.
+
+        Once per fit (or `show`), so that no batch pays for them.
+        """
+        self.pixel_stats = normalize_stats(dl, device=None)
+        self.mean_colour = None
+        if self.pixel_stats:
+            zero = torch.zeros_like(self.pixel_stats[-1][0])
+            self.mean_colour = decode(zero, self.pixel_stats).flatten()
 
     def decode(self, images):
         """Pixels in [0, 1] from a normalized batch, as a new plain float tensor, with the DataLoaders' Normalize."""
@@ -383,7 +392,8 @@ class AugMixCallback(Callback):
 
     def _stats_like(self, like):
         """The DataLoaders' Normalize statistics on `like`'s device, as float32 (no copy when they are there)."""
-        return [(move(mean, like.device), move(std, like.device)) for mean, std in getattr(self, 'pixel_stats', None) or ()]
+        stats = getattr(self, 'pixel_stats', None) or ()
+        return [(move(mean, like.device), move(std, like.device)) for mean, std in stats]
 
     def _mix_handler(self):
         """fastai's MixUp/CutMix callback when it wraps the loss this batch (it then holds second targets)."""
@@ -424,7 +434,7 @@ class AugMixCallback(Callback):
             raise TypeError(f"labels must be None (class names when the data has them), True or False; "
                             f"got {labels!r}.")
         loader = dl if dl is not None else self.dls.train
-        self.pixel_stats = normalize_stats(loader, device=None)
+        self.read_normalize(loader)
         batch = loader.one_batch()
         n_inp = getattr(loader, 'n_inp', 1 if len(batch) == 1 else len(batch) - 1)  # as fastai's Learner splits
         images = check_image_batch(batch[:n_inp])

@@ -25,7 +25,7 @@ from torch import nn
 from _images import photo_crops, to_grayscale
 from fastai_jsd import AugMixCallback, JsdCrossEntropy
 from fastai_jsd.callback import LossPartsRecorder, split_batchnorm
-from fastai_jsd.pixels import find_normalize, normalize_stats
+from fastai_jsd.pixels import find_normalize
 
 BS = 8
 
@@ -144,7 +144,7 @@ def test_stacks_clean_first_and_restores_clean_rows(dls):
 def test_augmented_views_are_real_augmix_views_in_pixel_space(dls):
     learn = make_learner(dls)
     cb = learn.aug_mix
-    cb.pixel_stats = normalize_stats(dls.train, device=None)
+    cb.read_normalize(dls.train)
     images = dls.train.one_batch()[0]
     views = cb.augmented_views(images, 2)
     pixels = cb.decode(views)
@@ -350,11 +350,11 @@ def test_show_labels_each_row_with_its_class(dls, photo_folder):
 
 def test_fill_none_is_the_dataset_mean(dls):
     cb = AugMixCallback()
-    cb.pixel_stats = normalize_stats(dls.train, device=None)
+    cb.read_normalize(dls.train)
     fill = cb.fill_value(torch.zeros(1, 3, 4, 4))
     torch.testing.assert_close(fill, torch.tensor(imagenet_stats[0]))
     assert AugMixCallback(fill=0.5).fill_value(torch.zeros(1, 3, 4, 4)) == 0.5
-    cb.pixel_stats = []
+    cb.read_normalize(None)  # DataLoaders without Normalize
     assert cb.fill_value(torch.zeros(1, 3, 4, 4)) == 0.
 
 

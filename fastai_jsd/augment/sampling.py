@@ -11,7 +11,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from fastai_jsd.augment.backends import triton_kernels
+from fastai_jsd.augment.backends import resolve_backend, triton_kernels
 
 NO_OP = -1  # op index of the steps after a chain's depth: the image passes through unchanged
 
@@ -190,10 +190,9 @@ def sample_augmix(batch_size, image_height, image_width, severity=3, width=3, de
     # the paper's sample_level(severity): uniform in [0.1, severity)
     level = torch.rand(step_shape, generator=generator, **floats).mul_(severity - 0.1).add_(0.1)
     sign_draw = torch.rand(step_shape, generator=generator, **floats)
-    kernels = triton_kernels() if sample_device.type == 'cuda' else None
-    if kernels is not None and not isinstance(kernels, Exception):  # one launch instead of ~60 small ones
-        op_index, op_argument = kernels.sample_arguments(op_index, level, sign_draw, chain_depth, image_height,
-                                                         image_width, geometric)
+    if resolve_backend(None, sample_device) == 'triton':  # one launch instead of ~60 small ones
+        op_index, op_argument = triton_kernels().sample_arguments(op_index, level, sign_draw, chain_depth, image_height,
+                                                                  image_width, geometric)
     else:
         op_index, op_argument = _arguments(op_index, level, sign_draw > 0.5, chain_depth, allowed, image_height,
                                            image_width)
