@@ -21,13 +21,13 @@ launches (torch.profiler) and host syncs (torch.cuda.set_sync_debug_mode) of one
 import argparse
 import statistics
 import time
-import warnings
 
 import torch
 from PIL import Image
 from timm.data.auto_augment import AugMixAugment, augmix_ops
 from torchvision.transforms import v2
 
+from benchmark_corruptions import count_syncs  # torch's sync debug mode, counted the same way for both
 from fastai_jsd import augmix
 
 # timm's names of the paper's 9 ops (its default list adds Color, Contrast, Brightness, Sharpness).
@@ -126,17 +126,9 @@ def gpu_launches(function):
 
 
 def host_syncs(function):
-    """Times one call of `function` makes the host wait for the GPU (torch's sync debug mode), after a warm-up call."""
+    """Times one call of `function` makes the host wait for the GPU, after a warm-up call."""
     function()
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        torch.cuda.set_sync_debug_mode('warn')
-        try:
-            function()
-        finally:
-            torch.cuda.set_sync_debug_mode('default')
-    return sum('synchroniz' in str(warning.message) for warning in caught)
+    return count_syncs(function)
 
 
 def gpu_runners(images, device):
