@@ -204,6 +204,44 @@ def test_evaluate_robustness_refuses_nan_batches():
         evaluate_robustness(make_learner(broken), corruptions=('fog',), severities=(1,), show_progress=False)
 
 
+def test_evaluate_robustness_refuses_pixels_outside_the_unit_range_instead_of_clamping():
+    """A batch transform after Normalize that leaves the pixel range (here +2 in normalized space) made
+    the evaluation clamp silently and score other images than `validate` does."""
+    from fastai.vision.all import TensorImage, Transform
+
+    class Shift(Transform):
+        order = 99  # after Normalize, on every split (as a RandomErasing meant for training would be)
+
+        def encodes(self, x: TensorImage):
+            return x + 2
+
+    shifted = make_dls(n_valid=12)
+    shifted.valid.after_batch.add(Shift())
+    learn = make_learner(shifted)
+    with pytest.raises(ValueError, match=r'batch 0 .* pixel values in \[.*\], not \[0, 1\].*after Normalize'):
+        evaluate_robustness(learn, corruptions=('fog',), severities=(1,), show_progress=False)
+
+
+def test_evaluate_robustness_refuses_repeated_corruptions_and_severities_before_any_work(dls):
+    learn = make_learner(dls)
+    learn.model.modes.clear()
+    with pytest.raises(ValueError, match=r"corruptions lists 'fog' more than once.*\('fog', 'contrast'\)"):
+        evaluate_robustness(learn, corruptions=('fog', 'contrast', 'fog'), show_progress=False)
+    with pytest.raises(ValueError, match=r"severities lists 2 more than once.*\(2, 3\)"):
+        evaluate_robustness(learn, corruptions=('fog',), severities=(2, 3, 2), show_progress=False)
+    assert learn.model.modes == []  # refused before the model ran
+
+
+def test_evaluate_robustness_needs_a_learner_and_says_how_to_wrap_a_model(dls):
+    model = TinyNet()
+    with pytest.raises(TypeError, match=r'fastai Learner.*TinyNet has no \.model, \.dls, \.loss_func.*Learner\(dls, model'):
+        evaluate_robustness(model, dl=dls.valid, corruptions=('fog',), show_progress=False)
+    with pytest.raises(TypeError, match=r'baseline must be a fastai Learner'):
+        evaluate_robustness(make_learner(dls), corruptions=('fog',), show_progress=False,
+                            baseline=types.SimpleNamespace(model=model))
+    assert model.modes == []
+
+
 @pytest.mark.slow  # ~1.5 s on a quiet machine, but 600 resnet18 forwards: slow under load
 def test_evaluate_robustness_every_corruption_with_vision_learner_and_progress_bar(capsys):
     from fastai.vision.all import resnet18, vision_learner
@@ -341,6 +379,44 @@ def test_evaluate_robustness_segmentation_ignore_index():
         evaluate_robustness(make_segmentation_learner(dls), corruptions=('contrast',), show_progress=False)
     with pytest.raises(ValueError, match='ignore_index=2.5'):
         evaluate_robustness(make_segmentation_learner(dls), show_progress=False, ignore_index=2.5)
+
+
+class VoidInLastColumn(nn.Module):
+    """TinySegNet's scores for classes 0-2 plus a 'Void' class 3 that wins in the last column of every image."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = TinySegNet().body
+
+    def forward(self, x):
+        scores = self.body(x)
+        void = torch.full_like(scores[:, :1], -1e4)
+        void[..., -1] = 1e4
+        return torch.cat([scores, void], 1)
+
+
+def test_segmentation_mean_iou_leaves_out_an_ignore_index_among_the_classes():
+    """'Void' = 3 is ignored in the targets (left 4 columns) but predicted in the last column: those pixels are
+    errors of their true classes, and class 3 (IoU 0) is not one of the classes the mean IoU averages."""
+    from fastai.vision.all import CrossEntropyLossFlat, Learner
+    dls = make_segmentation_dls(n_valid=8, ignore_label=3)
+    torch.manual_seed(0)
+    learn = Learner(dls, VoidInLastColumn(), loss_func=CrossEntropyLossFlat(axis=1, ignore_index=3))
+    result = evaluate_robustness(learn, corruptions=('contrast',), severities=(1,), show_progress=False)
+    confusion = np.zeros((4, 4), dtype=np.int64)
+    learn.model.eval()
+    with torch.no_grad():
+        for xb, yb in dls.valid:
+            masks = yb.as_subclass(torch.Tensor).numpy()
+            predicted = learn.model(xb.as_subclass(torch.Tensor)).argmax(1).numpy()
+            keep = masks != 3
+            confusion += np.bincount(masks[keep] * 4 + predicted[keep], minlength=16).reshape(4, 4)
+    assert confusion[:, 3].sum() > 0  # the model does predict 'Void' on counted pixels
+    intersection = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - intersection
+    assert result.clean_mean_iou == pytest.approx(np.mean(intersection[:3] / union[:3]))
+    assert result.clean_mean_iou != pytest.approx(np.mean(intersection / union))  # what counting 'Void' gave
+    assert result.clean_error == pytest.approx(1 - intersection.sum() / confusion.sum())
 
 
 def test_segmentation_uses_only_corruptions_that_keep_pixels_in_place(seg_dls):

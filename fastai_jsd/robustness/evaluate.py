@@ -74,7 +74,8 @@ class SegmentationRobustnessResult:
     - `table`: one row per corruption and severity with columns `corruption`, `severity`,
       `pixel_error` (the fraction of wrongly classified pixels, `ignore_index` pixels left out) and
       `mean_iou` (intersection over union per class, averaged over the classes present in the
-      target or the prediction of that condition).
+      target or the prediction of that condition; never over `ignore_index`, even when it is one of
+      the model's classes, such as a 'Void' code).
     - `clean_error`, `clean_mean_iou`: pixel error and mean IoU on the uncorrupted images.
     - `mean_corruption_error`, `mean_corrupted_iou`: the means over the table's rows.
     - `mce`, `relative_mce`: against a baseline, as for classification, on pixel error.
@@ -226,7 +227,7 @@ class _SegmentationRecords:
         keys = ['clean'] + conditions
         counts = torch.stack([self.counts[key] for key in keys]).cpu().numpy()  # the one device-to-host copy
         n = self.n_classes
-        scores = [_segmentation_scores(row[:n * n].reshape(n, n)) for row in counts]
+        scores = [_segmentation_scores(row[:n * n].reshape(n, n), self.ignore_index) for row in counts]
         rows = [dict(corruption=name, severity=severity, pixel_error=error, mean_iou=iou)
                 for (name, severity), (error, iou) in zip(conditions, scores[1:])]
         table = pd.DataFrame(rows, columns=['corruption', 'severity', 'pixel_error', 'mean_iou'])
@@ -235,13 +236,20 @@ class _SegmentationRecords:
                                             mean_corrupted_iou=float(table.mean_iou.mean()))
 
 
-def _segmentation_scores(confusion):
+def _segmentation_scores(confusion, ignore_index=-100):
     """(pixel error, mean IoU) of a [target, predicted] confusion matrix; IoU over the classes that
-    occur in the target or the prediction (a class absent from both has no IoU)."""
+    occur in the target or the prediction (a class absent from both has no IoU).
+
+    The matrix holds only counted pixels (targets that are not `ignore_index`), but the model may still
+    predict an `ignore_index` that is one of its classes (a 'Void' code): those pixels are errors of their
+    true class, and the ignored label itself is never a class of the mean (its IoU would be 0).
+    """
     total = confusion.sum()
     intersection = np.diag(confusion).astype(np.float64)
     union = confusion.sum(0) + confusion.sum(1) - intersection
     present = union > 0
+    if 0 <= ignore_index < len(present):
+        present[ignore_index] = False
     error = 1 - intersection.sum() / total if total else float('nan')
     iou = float(np.mean(intersection[present] / union[present])) if present.any() else float('nan')
     return float(error), iou
@@ -283,14 +291,37 @@ def _check_evaluation_args(corruptions, severities, baseline):
             raise ValueError("corruptions is empty; pass names from CORRUPTIONS or EXTRA_CORRUPTIONS.")
         for name in corruptions:
             _check_corruption_name(name, 'corruptions')
+        _check_no_repeats(corruptions, 'corruptions')
     severities = (severities,) if isinstance(severities, (int, np.integer)) else tuple(severities)
     if not severities:
         raise ValueError("severities is empty; pass integers from 1 to 5.")
     for severity in severities:
         _check_severity(severity, 'severities')
+    _check_no_repeats([int(s) for s in severities], 'severities')
     if baseline is not None and not isinstance(baseline, _RESULT_TYPES) and not hasattr(baseline, 'model'):
         raise ValueError(f"baseline must be a Learner, a RobustnessResult or None, got {type(baseline).__name__}.")
+    if baseline is not None and not isinstance(baseline, _RESULT_TYPES):
+        _check_learner(baseline, 'baseline')
     return corruptions, tuple(int(s) for s in severities)
+
+
+def _check_no_repeats(values, argument):
+    """ValueError when `values` names something twice: it would be evaluated, and weigh in the means, twice."""
+    repeated = sorted({value for value in values if list(values).count(value) > 1}, key=str)
+    if repeated:
+        unique = tuple(dict.fromkeys(values))
+        raise ValueError(f"{argument} lists {', '.join(map(repr, repeated))} more than once; each condition is "
+                         f"evaluated once, so pass each once: {argument}={unique!r}.")
+
+
+def _check_learner(learn, argument='learn'):
+    """TypeError unless `learn` is a fastai Learner (a model, its DataLoaders and its loss function)."""
+    missing = [name for name in ('model', 'dls', 'loss_func') if not hasattr(learn, name)]
+    if missing:
+        raise TypeError(f"{argument} must be a fastai Learner (it needs .model, .dls and .loss_func; this "
+                        f"{type(learn).__name__} has no {', '.join('.' + m for m in missing)}). For a plain "
+                        f"PyTorch model, wrap it with the DataLoaders it was trained on: "
+                        f"Learner(dls, model, loss_func=CrossEntropyLossFlat()), then evaluate that.")
 
 
 def _ignore_index(learn, ignore_index):
@@ -360,18 +391,38 @@ def _conditions(task, corruptions, severities):
     return [(name, severity) for name in corruptions for severity in severities]
 
 
-def _check_batch(batch_index, pixels, targets, task, n_classes, ignore_index):
-    """Refuse NaN pixels (and, for segmentation, mask labels outside 0..n_classes-1 that are not
-    `ignore_index`) with one host sync for the batch."""
-    flags = [torch.isnan(pixels).any()]
+# How far decoded pixels may stray from [0, 1]: float error of the decode, as `corrupt`'s own check allows.
+_PIXEL_TOLERANCE = 1e-3
+
+
+def _pixel_flags(pixels):
+    """Whether decoded `pixels` hold NaN or values outside [0, 1], and their range, as one device tensor."""
+    low, high = torch.aminmax(pixels)  # NaN propagates into both
+    outside = (low < -_PIXEL_TOLERANCE) | (high > 1 + _PIXEL_TOLERANCE)
+    return torch.stack([torch.isnan(low).float(), outside.float(), low.float(), high.float()])
+
+
+def _check_batch(batch_index, pixel_flags, targets, task, n_classes, ignore_index):
+    """Refuse NaN pixels, pixels outside [0, 1] (and, for segmentation, mask labels outside 0..n_classes-1
+    that are not `ignore_index`) with one host sync for the batch; `pixel_flags` from `_pixel_flags`."""
+    flags = pixel_flags
     if task == 'segmentation':
-        flags.append((((targets < 0) | (targets >= n_classes)) & (targets != ignore_index)).any())
-    problems = torch.stack(flags).tolist()
+        bad_labels = ((targets < 0) | (targets >= n_classes)) & (targets != ignore_index)
+        flags = torch.cat([flags, bad_labels.any().float().view(1).to(flags.device)])
+    problems = flags.tolist()
     if problems[0]:
         raise ValueError(f"batch {batch_index} of the evaluation set has NaN pixels (after decoding with the "
                          f"DataLoaders' Normalize); corruptions need pixels in [0, 1]: check the images and "
                          f"the Normalize statistics (a zero std?).")
-    if task == 'segmentation' and problems[1]:
+    if problems[1]:
+        low, high = problems[2], problems[3]
+        raise ValueError(f"batch {batch_index} of the evaluation set decodes to pixel values in [{low:.3g}, "
+                         f"{high:.3g}], not [0, 1] (decoded with the DataLoaders' Normalize). Corruptions are "
+                         f"defined on pixels, and clamping would change the images the model is scored on. "
+                         f"Check that the Normalize statistics belong to these images, that no batch "
+                         f"transform after Normalize (e.g. RandomErasing) runs on the validation set, and that "
+                         f"images are scaled to [0, 1] (IntToFloatTensor) before Normalize.")
+    if task == 'segmentation' and problems[4]:
         labels = torch.unique(targets).tolist()
         shown = ', '.join(map(str, labels[:10])) + (', ...' if len(labels) > 10 else '')
         raise ValueError(f"batch {batch_index} has mask labels {shown}, but the model predicts {n_classes} "
@@ -404,9 +455,12 @@ def evaluate_robustness(learn, dl=None, corruptions=None, severities=(1, 2, 3, 4
     segmentation robustness benchmarks such as Cityscapes-C leave out).
 
     Results stay on the model's device until the end (one device-to-host copy); each batch is read
-    back once, to refuse NaN pixels and unknown mask labels, where fastai's DataLoader has just
-    waited for the GPU anyway to copy the batch.
+    back once, to refuse NaN pixels, pixels outside [0, 1] (never clamped: the model would be scored on
+    other images than `validate` sees) and unknown mask labels, where fastai's DataLoader has just
+    waited for the GPU anyway to copy the batch. `learn` must be a fastai Learner (a TypeError says how to
+    wrap a plain model); a corruption or severity listed twice is a ValueError.
     """
+    _check_learner(learn)
     corruptions, severities = _check_evaluation_args(corruptions, severities, baseline)
     ignore_index = _ignore_index(learn, ignore_index)
     dl = _evaluation_loader(learn, dl)
@@ -428,7 +482,7 @@ def evaluate_robustness(learn, dl=None, corruptions=None, severities=(1, 2, 3, 4
                     bar = _progress_bar(len(dl) * len(conditions)) if show_progress else None
                 elif batch_task != task:
                     raise ValueError(f"batch {batch_index} has {batch_task} labels after {task} ones.")
-                pixels = move(decode(images, stats).clamp_(0, 1), runners[0].device)
+                pixels = move(decode(images, stats), runners[0].device)
                 targets = move(targets, runners[0].device)
                 _evaluate_batch(batch_index, runners, pixels, targets, conditions, generator, ignore_index, bar)
     finally:
@@ -461,10 +515,12 @@ def _progress_bar(total):
 
 def _evaluate_batch(batch_index, runners, pixels, targets, conditions, generator, ignore_index, bar):
     """Record every runner's outputs on the clean and on every corrupted version of one batch."""
+    pixel_flags = _pixel_flags(pixels)
+    pixels.clamp_(0, 1)  # only the decode's float error, within _PIXEL_TOLERANCE: more is refused below
     clean = [runner.forward(pixels) for runner in runners]
     for runner, out in zip(runners, clean):
         runner.records.check_output(out, targets)
-    _check_batch(batch_index, pixels, targets, runners[0].records.task, clean[0].shape[1], ignore_index)
+    _check_batch(batch_index, pixel_flags, targets, runners[0].records.task, clean[0].shape[1], ignore_index)
     for runner, out in zip(runners, clean):
         runner.records.add('clean', out, move(targets, out.device))
     for done, (name, severity) in enumerate(conditions, batch_index * len(conditions) + 1):
