@@ -72,6 +72,15 @@ def loss_name(loss_func):
     return 'cross-entropy' if alpha is None else f'cross-entropy + {alpha:g} x Jensen-Shannon consistency'
 
 
+def label_loss_curves(ax, loss_func):
+    "Name what `Recorder.plot_loss`'s curves measure: validation has one split, so no consistency term."
+    ax.set_xlabel('training batches')
+    training = loss_name(loss_func)
+    ax.set_ylabel(f'loss\ntrain: {training}\nvalid: cross-entropy' if training != 'cross-entropy'
+                  else 'loss: cross-entropy (train and valid)')
+    return ax
+
+
 def label_lr_find(fig, model_name, loss, suggested, used, suggestion='valley'):
     "Title lr_find's figure with the model and its loss, and mark the suggestion and the learning rate fit used."
     ax = fig.axes[0]

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 
 from fastai.vision.all import *
 
-from course import course_parser, find_model, finish_args, suggested_lr
+from course import course_parser, find_model, finish_args, label_loss_curves, suggested_lr
 from fastai_jsd import CORRUPTIONS, AugMixCallback, JsdCrossEntropy, evaluate_robustness, plot_corruption_errors
 
 VALID_NAMES = ('valid', 'val')  # fastai's convention and Imagenette's
@@ -126,6 +126,7 @@ def save_figures(learn, result, out):
     learn.aug_mix.show(n=6).savefig(paths[0], bbox_inches='tight')
     fig, ax = plt.subplots(figsize=(6, 4))
     learn.recorder.plot_loss(ax=ax)
+    label_loss_curves(ax, learn.loss_func)
     fig.savefig(paths[1], bbox_inches='tight')
     fig, ax = plt.subplots(figsize=(12, 4))
     plot_corruption_errors({'AugMix + JSD': result}, ax=ax)

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 
 from fastai.vision.all import *
 
-from course import course_parser, find_model, finish_args, suggested_lr
+from course import course_parser, find_model, finish_args, label_loss_curves, suggested_lr
 from fastai_jsd import CORRUPTIONS, AugMixCallback, JsdCrossEntropy, evaluate_robustness, plot_corruption_errors
 from fastai_jsd.data import fashion_dls
 
@@ -131,6 +131,7 @@ def save_figures(learners, results, out):
     for ax, (name, learn) in zip(axes, learners.items()):
         learn.recorder.plot_loss(ax=ax)
         ax.set_title(MODELS[name])
+        label_loss_curves(ax, learn.loss_func)
     fig.savefig(paths[1], bbox_inches='tight')
     fig, ax = plt.subplots(figsize=(12, 4))
     plot_corruption_errors({MODELS[name]: result for name, result in results.items()}, ax=ax)

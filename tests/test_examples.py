@@ -185,6 +185,19 @@ def test_quickstart_rejects_unknown_arch_before_training(tmp_path):
 
 
 @pytest.mark.slow
+def test_training_curves_say_the_augmix_training_loss_includes_the_consistency_term(course):
+    import matplotlib.pyplot as plt
+    from fastai.vision.all import CrossEntropyLossFlat
+    from fastai_jsd import JsdCrossEntropy
+    _, (jsd_ax, plain_ax) = plt.subplots(1, 2)
+    course.label_loss_curves(jsd_ax, JsdCrossEntropy(alpha=12))
+    course.label_loss_curves(plain_ax, CrossEntropyLossFlat())
+    assert 'train: cross-entropy + 12 x Jensen-Shannon' in jsd_ax.get_ylabel()
+    assert 'valid: cross-entropy' in jsd_ax.get_ylabel()
+    assert 'Jensen-Shannon' not in plain_ax.get_ylabel() and 'cross-entropy' in plain_ax.get_ylabel()
+    plt.close('all')
+
+
 def test_imagenette_trains_on_a_local_image_folder(tmp_path):
     folder = write_image_folder(tmp_path / 'images')
     out = tmp_path / 'out'
