@@ -140,6 +140,14 @@ def save_figures(learners, results, out):
     return paths + [out / f'lr_find_{name}.png' for name in MODELS]
 
 
+def versions():
+    "The versions the numbers depend on: the same seed gives other numbers with other kernels and defaults."
+    import platform
+    import fastai, timm, torchvision
+    return (f'python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, '
+            f'fastai {fastai.__version__}, timm {timm.__version__}, numpy {np.__version__}')
+
+
 def main(argv=None):
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -147,6 +155,7 @@ def main(argv=None):
     data = 'the full Fashion-MNIST' if args.full else 'the Fashion-MNIST sample'
     print(f'{args.arch} at {args.size} px on {data}{" (quick subset)" if args.quick else ""}, '
           f'{args.epochs} epoch(s) per model, on {default_device()}')
+    print(versions())
     learners, seconds = {}, {}
     for name in MODELS:
         learners[name], seconds[name] = train(args, name)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from fastai_jsd.data import load_fashion_sample
@@ -109,6 +110,8 @@ def test_quickstart_quick_writes_table_csv_and_figures(tmp_path):
     for name in QUICKSTART_FIGURES:
         check_png(out / name)
     assert '| model | clean error | mean corruption error |' in result.stdout
+    import fastai
+    assert f'torch {torch.__version__}' in result.stdout and f'fastai {fastai.__version__}' in result.stdout
     for model in MODEL_NAMES:
         row = next(line for line in result.stdout.splitlines() if line.startswith(f'| {model} |'))
         assert f"{table.loc[model, 'clean_error']:.1%}" in row
