@@ -2,8 +2,11 @@
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter (conftest.py sets
 TRITON_INTERPRET=1 before Triton is imported), which is slow, so the images here are small;
-the torch backend is itself checked against PIL in test_augmix.py and test_ops_*.py. The tests
-marked `cuda` run the compiled kernels and need a GPU (skipped without one).
+the torch backend is itself checked against PIL in test_augmix.py and test_ops_*.py. Without a GPU,
+what the compiled kernels would do is checked twice more: _compile_kernels.py compiles the launcher's
+own launches for sm_90, and fake CUDA tensors show which copies, host syncs, launches and devices a
+call asks for. The tests marked `cuda` (named so: `pytest -k cuda` selects them) run the compiled
+kernels and need a GPU (skipped without one).
 """
 import sys
 import warnings
