@@ -7,8 +7,9 @@
 #   CHECK=1 bash examples/gpu_measurements.sh         # anywhere, no GPU: every command parses its arguments
 #
 # The GPU machine has torch, torchvision, timm and triton but not fastai: its wheels come with the checkout
-# in .whl/ (once: mkdir -p .whl && cp ../shared/device/wheels/*.whl .whl/ && echo /.whl/ >> .git/info/exclude;
-# then name .whl in the run's carry). Each step has its own time limit, and all of them together stay within
+# in .whl/ (once: mkdir -p .whl && cp /work/shared/device/wheels/*.whl .whl/ &&
+# echo /.whl/ >> "$(git rev-parse --git-path info/exclude)"; then name .whl in the run's carry, and give the
+# run a timeout_s of 600). Each step has its own time limit, and all of them together stay within
 # BUDGET seconds (default 560, under the machine's 10 minutes a call): a hang costs one step, and the steps
 # that did not fit are listed at the end. Logs go to $OUT (default ./gpu_measurements) as <step>.log, with
 # summary.txt: each step's exit status and seconds (124: its time limit).
