@@ -183,7 +183,9 @@ def main(argv=None):
         settings = [(16, 8, args.device)] if args.quick else [
             (32, 4096, args.device), (224, 256, args.device), (224, 1024, args.device)]
         repeats = 1 if args.quick else args.repeats
-        print(f'torch {torch.__version__}, {torch.cuda.get_device_name(args.device)}, median of {repeats} runs\n')
+        import triton
+        print(f'torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name(args.device)}, '
+              f'{time.strftime("%Y-%m-%d")}, median of {repeats} runs\n')
         print(gpu_markdown_table(gpu_benchmark(settings, repeats)))
         return
     settings, repeats = ([(16, 8, 'cpu')], 1) if args.quick else ([(32, 256, 'cpu'), (224, 64, 'cpu')], args.repeats)

@@ -120,6 +120,8 @@ def main():
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: all cores)')
     parser.add_argument('--quick', action='store_true', help='a tiny run, for tests')
     args = parser.parse_args()
+    if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda needs a CUDA GPU (torch.cuda.is_available() is False).')
     if args.quick:
         args.size, args.bs, args.batches, args.repeats = 32, 4, 2, 1
     if args.threads: torch.set_num_threads(args.threads)
@@ -144,8 +146,8 @@ def main():
     precision = 'bf16' if args.bf16 else 'fp32'
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
     print(f'{args.arch}, {args.size} px, B = {args.bs}, {precision}{", channels_last" if args.channels_last else ""}, '
-          f'{where}; {args.batches} steps per epoch from pre-made batches on the device, '
-          f'median of {args.repeats} alternating runs\n')
+          f'{where}, torch {torch.__version__}, {time.strftime("%Y-%m-%d")}; {args.batches} steps per epoch from '
+          f'pre-made batches on the device, median of {args.repeats} alternating runs\n')
     print('| model | px | B | precision | plain ms/step (batch 3B) | AugMix + JSD ms/step | views ms | ratio |')
     print('|---|---:|---:|---|---:|---:|---:|---:|')
     print(f'| {args.arch} | {args.size} | {args.bs} | {precision} | {statistics.median(plain_times):.1f} | '

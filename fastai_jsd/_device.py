@@ -1,11 +1,7 @@
-"""Moving tensors between devices without waiting for the GPU."""
+"""Moving tensors between devices without waiting for the GPU (see `fastai_jsd.augment.devices.move`).
 
+The implementation lives in augment/, which may import nothing from the rest of the package.
+"""
+from fastai_jsd.augment.devices import move
 
-def move(tensor, device, dtype=None):
-    """`tensor` on `device` (and `dtype`); a host-to-device copy is queued, not waited for.
-
-    A blocking copy from pageable memory synchronizes with the GPU; a non-blocking one from the host
-    is safe (CUDA stages the source before returning), so host-made constants and CPU-generator draws
-    cost no sync. Device-to-host copies stay blocking: the host reads them next.
-    """
-    return tensor.to(device=device, dtype=dtype, non_blocking=tensor.device.type == 'cpu')
+__all__ = ['move']

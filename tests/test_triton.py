@@ -2,8 +2,11 @@
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter (conftest.py sets
 TRITON_INTERPRET=1 before Triton is imported), which is slow, so the images here are small;
-the torch backend is itself checked against PIL in test_augmix.py and test_ops_*.py. The tests
-marked `cuda` run the compiled kernels and need a GPU (skipped without one).
+the torch backend is itself checked against PIL in test_augmix.py and test_ops_*.py. Without a GPU,
+what the compiled kernels would do is checked twice more: _compile_kernels.py compiles the launcher's
+own launches for sm_90, and fake CUDA tensors show which copies, host syncs, launches and devices a
+call asks for. The tests marked `cuda` (named so: `pytest -k cuda` selects them) run the compiled
+kernels and need a GPU (skipped without one).
 """
 import sys
 import warnings
@@ -181,11 +184,14 @@ def test_callback_backends_give_the_same_views():
     assert (views['torch'] - views['triton']).abs().max() <= LEVEL
 
 
-def test_kernels_compile_for_a_gpu_within_their_register_budget():
+def test_kernels_compile_for_a_gpu_as_launched_within_their_register_budget():
     """CI has no GPU, and the interpreter runs kernels that would not compile: compile them for sm_90 here.
 
-    At most 128 registers (so at least 16 warps fit on an SM to hide memory latency) and almost no
-    spills, for every variant the launcher uses (see triton_apply.STEP_PIXELS).
+    tests/_compile_kernels.py runs the launcher and compiles what it would launch, specialised as Triton's
+    launcher specialises (an int equal to 1 becomes a constant: 1-pixel rows and columns, one chain, one step).
+    Every variant must compile within 128 registers (so at least 16 warps fit on an SM to hide memory latency)
+    with almost no spills, and without approximate division or exp2, which would round differently from the
+    torch backend (see triton_apply._divide).
     """
     import json
     import os
@@ -197,12 +203,22 @@ def test_kernels_compile_for_a_gpu_within_their_register_budget():
     script = Path(__file__).with_name('_compile_kernels.py')
     environment = dict(os.environ, TRITON_INTERPRET='0', PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=environment,
-                            timeout=600)
+                            timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
-    assert len(reports) == 8
     for report in reports:
         assert report['registers'] <= 128 and report['spills'] <= 16, report
+        assert report['approximate'] == [], report
+
+    def variants(kernel, **arguments):
+        return [r for r in reports if r['kernel'] == kernel
+                and all(r['arguments'][name] == value for name, value in arguments.items())]
+    for kernel in ('_statistics_kernel', '_step_kernel'):
+        assert variants(kernel, H=1) and variants(kernel, W=1) and variants(kernel, width=1)
+        assert variants(kernel, C=1) and variants(kernel, C=3) and variants(kernel, WIDE=True)
+    assert variants('_step_kernel', LAST=True, steps=1) and variants('_step_kernel', LAST=False)
+    assert variants('_arguments_kernel', height=1) and variants('_arguments_kernel', width=1)
+    assert variants('_arguments_kernel', GEOMETRIC=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +248,320 @@ def test_without_triton_cuda_falls_back_to_torch_and_triton_is_refused(monkeypat
         resolve_backend('triton', 'cpu')
 
 
+@pytest.fixture
+def installed_triton(monkeypatch):
+    """Sets the installed Triton's version string (the backend choice is made afresh, and may warn afresh)."""
+    monkeypatch.setattr(backends, '_TRITON', [])
+    monkeypatch.setattr(backends, '_WARNED', [])
+    return lambda version: monkeypatch.setattr(sys.modules['triton'], '__version__', version)
+
+
+def test_a_triton_without_masked_histograms_falls_back_to_torch_with_one_warning(installed_triton):
+    """torch 2.0-2.7 ship Triton 2.0-3.3, whose tl.histogram has no mask: the statistics kernel would not compile."""
+    installed_triton('3.3.1')
+    with pytest.warns(UserWarning, match=r'Triton >= 3\.4 .*found Triton 3\.3') as caught:
+        assert resolve_backend(None, 'cuda') == 'torch'
+        assert resolve_backend(None, 'cuda:1') == 'torch'
+    assert len(caught) == 1
+    assert resolve_backend(None, 'cpu') == 'torch'
+    with pytest.raises(ValueError, match=r"backend='triton' needs Triton >= 3\.4.*found Triton 3\.3"):
+        resolve_backend('triton', 'cuda')
+    with pytest.raises(ValueError, match=r'Triton >= 3\.4'):
+        augmix(torch.rand(2, 3, 8, 8), backend='triton')
+
+
+@pytest.mark.parametrize('version', ['3.4.0', '3.10.0+git8b1c6e2', '4.0'])
+def test_a_triton_with_masked_histograms_runs_cuda_batches(installed_triton, version):
+    installed_triton(version)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert resolve_backend(None, 'cuda') == 'triton'
+        assert resolve_backend('triton', 'cuda') == 'triton'
+
+
+# ---------------------------------------------------------------------------------------------
+# What a call asks of a GPU, without one: fake CUDA tensors (torch's FakeTensorMode: shapes, dtypes and
+# devices, no data) and recorded Triton launches. Each aten op on a CUDA tensor is a kernel (or copy) the
+# device would run; an op that needs a value back on the host is a host sync, counted where torch's CUDA
+# implementation makes one: reading a value, bincount (which reads its input's min and max), a device-to-host
+# copy, and a host-to-device copy that is not non_blocking (a pageable copy waits for the stream).
+
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+
+aten = torch.ops.aten
+# Allocations and views: no work on the device.
+NO_DEVICE_WORK = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default, aten.new_empty.default,
+                  aten.detach.default, aten.lift_fresh.default, aten._unsafe_view.default,
+                  aten.set_.source_Storage_storage_offset}
+
+
+class DeviceWork(TorchDispatchMode):
+    """Counts, per call under it, the device's kernels and copies, and the host syncs, of ops on (fake) CUDA tensors.
+
+    Values read back are `readback` (the data is fake): 0, or 1 to make the torch backend's group counts non-zero
+    so that every op kernel runs.
+    """
+
+    def __init__(self, readback=0):
+        super().__init__()
+        self.readback = readback
+        self.kernels, self.syncs, self.copies = [], [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+        devices = [t.device for t in tensors] + ([torch.device(kwargs['device'])] if kwargs.get('device') else [])
+        on_cuda = any(device.type == 'cuda' for device in devices)
+        if func in (aten._to_copy.default, aten.copy_.default):
+            return self.copy(func, args, kwargs)
+        if not on_cuda or func in NO_DEVICE_WORK or func.is_view or func.namespace == 'prim':
+            return func(*args, **kwargs)
+        self.kernels.append(func)
+        if func is aten._local_scalar_dense.default:
+            self.syncs.append(func)
+            return {torch.bool: bool, torch.float32: float, torch.float64: float}.get(args[0].dtype, int)(self.readback)
+        if func is aten.bincount.default:
+            self.syncs += [func, func]
+            return torch.full((kwargs.get('minlength', args[-1]),), self.readback, device=args[0].device)
+        if func is aten._sample_dirichlet.default:  # no fake implementation: same shape as the concentrations
+            return torch.empty_like(args[0])
+        return func(*args, **kwargs)
+
+    def copy(self, func, args, kwargs):
+        if func is aten.copy_.default:
+            target, source = args[:2]
+        else:
+            source = args[0]
+            target = torch.empty(0, device=kwargs.get('device') or source.device)
+        non_blocking = kwargs.get('non_blocking', False) if func is aten._to_copy.default else (
+            args[2] if len(args) > 2 else kwargs.get('non_blocking', False))
+        route = (source.device.type, target.device.type)
+        if 'cuda' in route:
+            self.kernels.append(func)
+        if route == ('cpu', 'cuda'):
+            self.copies.append(non_blocking)
+            if not non_blocking:
+                self.syncs.append(func)
+        if route == ('cuda', 'cpu'):
+            self.syncs.append(func)
+            if func is aten._to_copy.default:  # a real tensor, so that the host can read it (tolist)
+                with unset_fake_temporarily():
+                    return torch.full(source.shape, self.readback, dtype=kwargs.get('dtype') or source.dtype)
+        return func(*args, **kwargs)
+
+
+class RecordedKernel:
+    """Stands for a Triton kernel: records each launch's grid, arguments and current CUDA device instead."""
+
+    def __init__(self, name, launches, current):
+        self.name, self.launches, self.current = name, launches, current
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(dict(kernel=self.name, grid=grid, args=args, kwargs=kwargs,
+                                      device=self.current[-1] if self.current else None))
+        return launch
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Run `call` on fake CUDA tensors: returns (DeviceWork, Triton launches) of the call.
+
+    `torch.cuda.device` is recorded rather than entered (no driver here), so each launch knows the current device.
+    """
+    current = []
+
+    class CurrentDevice:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def __enter__(self):
+            current.append(self.device)
+
+        def __exit__(self, *exc):
+            current.pop()
+    monkeypatch.setattr(torch.cuda, 'device', CurrentDevice)
+
+    def run(call, readback=0, backend_kernels=True):
+        launches = []
+        if backend_kernels:
+            for name in ('_statistics_kernel', '_step_kernel', '_arguments_kernel'):
+                monkeypatch.setattr(triton_apply, name, RecordedKernel(name, launches, current))
+        work = DeviceWork(readback)
+        fake_tolist = FakeTensor.tolist
+
+        def tolist(tensor):  # FakeTensor reads element by element; on CUDA it is one copy to the host
+            if tensor.device.type != 'cuda':
+                return fake_tolist(tensor)
+            work.syncs.append('tolist')
+            with unset_fake_temporarily():
+                return torch.full(tensor.shape, readback, dtype=tensor.dtype).tolist()
+        monkeypatch.setattr(FakeTensor, 'tolist', tolist)
+        with FakeTensorMode(allow_non_fake_inputs=True), work:
+            call()
+        return work, launches
+    return run
+
+
+def fake_images(batch, height=8, width=8, device='cuda:0', channels=3):
+    return torch.empty(batch, channels, height, width, device=device)
+
+
+def test_a_cpu_generator_costs_a_cuda_batch_no_host_sync(fake_gpu):
+    """The draw is made on the CPU (the same draw whatever the device) and queued to the GPU: no waiting."""
+    work, launches = fake_gpu(lambda: augmix(fake_images(16), generator=torch.Generator().manual_seed(0)))
+    assert work.syncs == [] and work.copies and all(work.copies)
+    assert {launch['kernel'] for launch in launches} == {'_statistics_kernel', '_step_kernel'}
+
+
+def test_cpu_params_cost_a_cuda_batch_no_host_sync(fake_gpu):
+    """sample_augmix draws on the CPU by default; apply_augmix queues the draw to the images' GPU."""
+    params = sample_augmix(16, 8, 8, all_ops=True, generator=torch.Generator().manual_seed(1))
+    work, _ = fake_gpu(lambda: apply_augmix(fake_images(16), params, 0.3))
+    assert work.syncs == [] and work.copies and all(work.copies)
+
+
+@pytest.mark.parametrize('fill', [torch.tensor([0.1, 0.2, 0.3]), torch.tensor(0.5), torch.tensor([[0.25]]), 0.3,
+                                  (0.1, 0.2, 0.3)])
+def test_a_cpu_fill_costs_a_cuda_batch_no_host_sync(fake_gpu, fill):
+    work, _ = fake_gpu(lambda: augmix(fake_images(16), fill=fill))
+    assert work.syncs == [] and all(work.copies)
+
+
+def test_the_torch_backend_on_cuda_waits_for_the_gpu_once_per_call(fake_gpu):
+    """Its op groups are sized on the host: one read-back of the counts (every op kernel runs here)."""
+    params = sample_augmix(16, 8, 8, all_ops=True, generator=torch.Generator().manual_seed(2))
+    work, _ = fake_gpu(lambda: apply_augmix(fake_images(16), params, (0.1, 0.2, 0.3), backend='torch'),
+                       readback=1, backend_kernels=False)
+    assert len(work.syncs) == 1 and all(work.copies)
+    assert len(work.kernels) > 100  # the groups' kernels ran
+
+
+def test_launches_go_to_the_images_gpu(fake_gpu):
+    """Triton launches on the current device: augmix on cuda:1 while cuda:0 is current must make cuda:1 current."""
+    for device in ('cuda:1', 'cuda:0'):
+        work, launches = fake_gpu(lambda: augmix(fake_images(4, device=device), depth=2))
+        assert [launch['kernel'] for launch in launches] == ['_arguments_kernel'] + [
+            '_statistics_kernel', '_step_kernel'] * 2
+        assert all(launch['device'] == torch.device(device) for launch in launches), launches
+
+
+def test_the_grid_fits_cudas_limits_for_any_image_size(fake_gpu):
+    """A grid's second and third axes stop at 65535: an image of 5000 x 5000 has 97,657 blocks of 256 pixels."""
+    params = sample_augmix(2, 5000, 5000, generator=torch.Generator().manual_seed(3))
+    _, launches = fake_gpu(lambda: apply_augmix(fake_images(2, 5000, 5000), params))
+    assert launches
+    for launch in launches:
+        assert launch['grid'][0] < 2 ** 31 and all(size <= 65535 for size in launch['grid'][1:]), launch['grid']
+
+
+def test_images_of_2_to_the_31_values_are_refused_before_any_work(fake_gpu):
+    """Within an image the kernels count in int32: 3 x 26,755 x 26,755 values is one too many."""
+    params = sample_augmix(1, 26755, 26755, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match=r"fewer than 2\*\*31 values.*backend='torch'"):
+        fake_gpu(lambda: apply_augmix(fake_images(1, 26755, 26755), params))
+
+
+@pytest.mark.parametrize('depth', [1, 3, 10])
+def test_the_work_per_call_depends_on_the_depth_not_the_batch(fake_gpu, depth):
+    """A launch sequence per call below the working-memory bound; params made contiguous once, not per step."""
+    counts = []
+    for batch in (4, 256):
+        work, launches = fake_gpu(lambda: augmix(fake_images(batch, 32, 32), depth=depth))
+        counts.append((len(launches), len(work.kernels)))
+    assert counts[0] == counts[1]
+    assert counts[0][0] == 1 + 2 * depth
+    reference, _ = fake_gpu(lambda: augmix(fake_images(4, 32, 32), depth=1))
+    assert counts[0][1] == len(reference.kernels)
+
+
+def test_large_batches_run_in_chunks_within_the_working_memory_bound(fake_gpu):
+    """The ping-pong buffers of 4096 images of 224 px would take 14.8 GB; chunks keep them within WORKING_BYTES."""
+    params = sample_augmix(4096, 224, 224, depth=3, generator=torch.Generator().manual_seed(4))
+    allocated = []
+
+    def call():
+        with MemoryRecorder(allocated):
+            apply_augmix(fake_images(4096, 224, 224), params)
+    _, launches = fake_gpu(call)
+    per_image = triton_apply.working_bytes_per_image(params, 3, 224, 224)
+    chunk = triton_apply.WORKING_BYTES // per_image
+    assert len(launches) == 2 * 3 * -(-4096 // chunk)
+    step_launches = [launch for launch in launches if launch['kernel'] == '_step_kernel']
+    assert sum(launch['args'][4].shape[0] for launch in step_launches) == 3 * 4096  # every image, every step
+    assert max(launch['args'][4].shape[0] for launch in step_launches) == chunk
+    working = sum(nbytes for nbytes in allocated) - 2 * 4096 * 3 * 224 * 224 * 4  # less the output
+    assert working <= triton_apply.WORKING_BYTES
+
+
+class MemoryRecorder(TorchDispatchMode):
+    """Records the bytes of every CUDA tensor allocated under it."""
+
+    def __init__(self, allocated):
+        super().__init__()
+        self.allocated = allocated
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func in (aten.empty.memory_format, aten.empty_strided.default) and result.device.type == 'cuda':
+            self.allocated.append(result.numel() * result.element_size())
+        return result
+
+
+class CountedKernel:
+    """Wraps a Triton kernel: counts its launches and launches it."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(grid)
+        return self.kernel[grid]
+
+
+def test_chunked_batches_give_the_pixels_of_one_launch_sequence(monkeypatch):
+    x = images(5, 6, 5, seed=16)
+    params = sample_augmix(5, 6, 5, all_ops=True, depth=2, generator=torch.Generator().manual_seed(16)).to(DEVICE)
+    launches = []
+    for name in ('_statistics_kernel', '_step_kernel'):
+        monkeypatch.setattr(triton_apply, name, CountedKernel(getattr(triton_apply, name), launches))
+    whole = apply_augmix(x, params, (0.2, 0.4, 0.6), backend='triton')
+    assert len(launches) == 4
+    monkeypatch.setattr(triton_apply, 'WORKING_BYTES', 2 * triton_apply.working_bytes_per_image(params, 3, 6, 5) + 5)
+    chunked = apply_augmix(x, params, (0.2, 0.4, 0.6), backend='triton')
+    assert len(launches) == 4 + 3 * 4  # chunks of 2, 2 and 1 images
+    assert torch.equal(chunked, whole) and not torch.equal(chunked, x)
+
+
+def test_views_whose_offsets_pass_int32_read_the_right_pixels(tmp_path):
+    """A view whose channel stride passes 2**30: its channel 2 lies 2**31 values past channel 0.
+
+    int32 offsets would wrap there. The view starts 2**31 values into its storage, so a wrapped offset
+    still lands inside it (wrong pixels, not a crash). On the CPU the storage is a sparse file: 16 GiB of
+    addresses, a few pages of memory.
+    """
+    height, width = 5, 6
+    channel_stride = 2 ** 30 + 64
+    start = 2 ** 31 + 4096
+    size = start + 2 * channel_stride + height * width
+    if DEVICE == 'cuda':
+        if torch.cuda.mem_get_info()[0] < size * 4 + 2 ** 30:
+            pytest.skip('needs 17 GB of free GPU memory')
+        storage = torch.empty(size, device=DEVICE)
+    else:
+        storage = torch.from_file(str(tmp_path / 'sparse'), shared=True, size=size, dtype=torch.float32)
+    x = storage.as_strided((1, 3, height, width), (3 * height * width, channel_stride, width, 1), start)
+    x.copy_(images(1, height, width, seed=17))
+    assert triton_apply.needs_wide_offsets(x) and not triton_apply.needs_wide_offsets(x.contiguous())
+    params = sample_augmix(1, height, width, all_ops=True, depth=3, generator=torch.Generator().manual_seed(17))
+    params = params.to(DEVICE)
+    fused = apply_augmix(x, params, 0.5, backend='triton')
+    assert torch.equal(fused, apply_augmix(x.contiguous(), params, 0.5, backend='triton'))
+    del x, storage
+
+
 # ---------------------------------------------------------------------------------------------
 # On a GPU: the compiled kernels, their launches and host syncs.
 
@@ -246,9 +576,23 @@ def launches_per_call(function):
     return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def host_syncs(function):
+    """Times one call of `function` makes the host wait for the GPU (torch's sync debug mode), after a warm-up call."""
+    function()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            function()
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+    return sum('synchroniz' in str(warning.message) for warning in caught)
+
+
 @cuda
 @pytest.mark.parametrize('size, batch', [(32, 512), (224, 16)])
-def test_gpu_backends_agree(size, batch):
+def test_cuda_backends_agree(size, batch):
     x = images(batch, size, size, seed=13)
     params = sample_augmix(batch, size, size, all_ops=True, device=DEVICE)
     reference, fused = both_backends(x, params, 0.4)
@@ -256,27 +600,62 @@ def test_gpu_backends_agree(size, batch):
 
 
 @cuda
-def test_augmix_on_gpu_never_waits_for_the_gpu():
-    x = images(64, 32, 32, seed=14)
-    augmix(x)  # compile and warm up
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode('error')
-    try:
-        augmix(x, all_ops=True, fill=(0.1, 0.2, 0.3))
-        augmix(x, generator=torch.Generator('cuda').manual_seed(0))
-    finally:
-        torch.cuda.set_sync_debug_mode('default')
+def test_cuda_gives_the_torch_backends_pixels_where_levels_are_rounded():
+    """Compiled, every division that is floored or compared is correctly rounded (triton_apply._divide): chains of
+    autocontrast, equalize, posterize and solarize on real photos, with their exact rounding ties, match exactly."""
+    names = [['autocontrast', 'posterize', 'solarize'], ['equalize', 'posterize', 'autocontrast'],
+             ['autocontrast', 'equalize', 'solarize'], ['posterize', 'autocontrast', 'posterize']]
+    batch = 64
+    index = torch.tensor([[OP_NAMES.index(name) for name in chain] for chain in names]).repeat(batch // 4, 1)
+    argument = torch.tensor([[0., 3., 0.5], [0., 2., 0.], [0., 0., 100 / 255], [5., 0., 1.]],
+                            dtype=torch.float64).repeat(batch // 4, 1)
+    # One chain per image and m = 1: the output is the chain's image, with no mixing arithmetic to round.
+    params = AugMixParams(torch.ones(batch, 1), torch.ones(batch), index[:, None], argument[:, None]).to(DEVICE)
+    x = images(batch, 224, 224, seed=18)
+    reference, fused = both_backends(x, params)
+    assert torch.equal(reference, fused)
 
 
 @cuda
-def test_augmix_launches_at_most_40_kernels_whatever_the_batch():
+def test_augmix_on_cuda_never_waits_for_the_gpu():
+    x = images(64, 32, 32, seed=14)
+    params_on_cpu = sample_augmix(64, 32, 32, generator=torch.Generator().manual_seed(1))
+    calls = [lambda: augmix(x, all_ops=True, fill=(0.1, 0.2, 0.3)),
+             lambda: augmix(x, generator=torch.Generator('cuda').manual_seed(0)),
+             lambda: augmix(x, generator=torch.Generator().manual_seed(0)),  # drawn on the CPU
+             lambda: augmix(x, fill=torch.tensor([0.1, 0.2, 0.3])),  # a CPU colour
+             lambda: apply_augmix(x, params_on_cpu)]
+    assert [host_syncs(call) for call in calls] == [0] * len(calls)
+
+
+@cuda
+def test_the_torch_backend_on_cuda_waits_once_per_call():
+    x = images(64, 32, 32, seed=14)
+    assert host_syncs(lambda: augmix(x, all_ops=True, backend='torch')) == 1
+
+
+@cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two CUDA GPUs')
+def test_augmix_on_the_second_cuda_gpu_while_the_first_is_current():
+    x = images(8, 24, 24, seed=19)
+    params = sample_augmix(8, 24, 24, all_ops=True, generator=torch.Generator().manual_seed(19))
+    expected = apply_augmix(x.to('cuda:0'), params.to('cuda:0'), backend='triton')
+    with torch.cuda.device(0):
+        out = apply_augmix(x.to('cuda:1'), params.to('cuda:1'), backend='triton')
+        drawn = augmix(x.to('cuda:1'), generator=torch.Generator('cuda:1').manual_seed(0))
+    assert torch.equal(out.cpu(), expected.cpu())
+    assert drawn.device == torch.device('cuda:1')
+
+
+@cuda
+def test_augmix_launches_at_most_40_cuda_kernels_whatever_the_batch():
     for batch in (16, 1024):
         x = images(batch, 32, 32, seed=15)
         assert launches_per_call(lambda: augmix(x)) <= 40
 
 
 @cuda
-def test_callback_before_batch_never_waits_for_the_gpu():
+def test_callback_before_batch_never_waits_for_the_cuda_gpu():
     from fastai.vision.all import vision_learner, resnet18
     from fastai_jsd import JsdCrossEntropy
     from fastai_jsd.data import fashion_dls

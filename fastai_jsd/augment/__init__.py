@@ -41,10 +41,12 @@ def apply_augmix(x, params, fill=0., backend=None):
     mixed = (1 - m) * x + m * sum_i w_i * chain_i(x), the paper's mixing, with every image's
     own m, w, ops and arguments from `params`. `backend`: 'torch' (the grouped kernels of this
     module, any device), 'triton' (fused CUDA kernels, triton_apply.py) or None ('triton' for CUDA
-    tensors when Triton imports, else 'torch'); both give the same pixels to within 1/255.
-    Half-precision images are augmented in float32. Augmentation is not differentiable: it runs
-    without autograd, and the result never requires grad. The values of params that
-    `sample_augmix` did not draw are checked first (one host sync on a GPU).
+    tensors when Triton >= 3.4 imports, else 'torch'); both give the same pixels to within 1/255.
+    `params` and a tensor `fill` may be on the CPU: they are queued to x's device without waiting
+    for it. Half-precision images are augmented in float32. Augmentation is not differentiable: it
+    runs without autograd, and the result never requires grad. The values of params that
+    `sample_augmix` did not draw are checked first (one host sync on a GPU), and `backend='torch'`
+    on a GPU waits for it once per call (to size its op groups); 'triton' never does.
     """
     check_images(x)
     check_params(params, x.shape[0])

@@ -1,18 +1,40 @@
 """Which kernels apply AugMix: the grouped torch kernels (any device) or the fused Triton kernels (CUDA).
 
 Triton is optional (it ships with PyTorch's Linux CUDA wheels): it is imported on first use, and a
-failed import only rules out `backend='triton'`.
+failed import, or a Triton older than the kernels need, only rules out `backend='triton'`.
 """
+import re
+import warnings
+
 import torch
 
 BACKENDS = ('torch', 'triton')
-_TRITON = []  # the imported triton_apply module, or the exception importing it raised
+# tl.histogram(..., mask=), which equalize's statistics use, arrived in Triton 3.4 (triton-lang/triton#6695),
+# the version PyTorch 2.8 ships; older ones fail to compile the statistics kernel at the first batch.
+TRITON_NEEDED = (3, 4)
+TRITON_NEEDED_TEXT = "Triton >= 3.4 (it ships with PyTorch >= 2.8)"
+_TRITON = []  # the imported triton_apply module, or the exception that rules it out
+_WARNED = []  # whether the default backend has said once why CUDA batches use the torch kernels
+
+
+class TritonTooOld(ImportError):
+    """The installed Triton lacks what the fused kernels use."""
+
+
+def triton_version():
+    """The installed Triton's (major, minor) version, from `triton.__version__`."""
+    import triton
+    return tuple(int(part) for part in re.findall(r'\d+', triton.__version__)[:2])
 
 
 def triton_kernels():
-    """The triton_apply module, or the exception that importing it raised (Triton is optional)."""
+    """The triton_apply module, or the exception that rules it out (Triton is optional, or may be too old)."""
     if not _TRITON:
         try:
+            version = triton_version()
+            if version < TRITON_NEEDED:
+                raise TritonTooOld(f"the fused AugMix kernels need {TRITON_NEEDED_TEXT}, found Triton "
+                                   f"{'.'.join(map(str, version))}")
             from fastai_jsd.augment import triton_apply
             _TRITON.append(triton_apply)
         except Exception as error:  # ImportError, or a broken install failing at import
@@ -22,19 +44,37 @@ def triton_kernels():
 
 def triton_interprets(kernels):
     """Whether Triton runs its interpreter (TRITON_INTERPRET=1 when Triton was imported), so CPU tensors work."""
-    return type(kernels._step_kernel).__name__ == 'InterpretedFunction'
+    return kernels.INTERPRETED
+
+
+def _default_backend(device):
+    """'triton' for CUDA tensors when the fused kernels can run, else 'torch' (saying once why if Triton is too old)."""
+    if torch.device(device).type != 'cuda':
+        return 'torch'
+    kernels = triton_kernels()
+    if not isinstance(kernels, Exception):
+        return 'triton'
+    if isinstance(kernels, TritonTooOld) and not _WARNED:
+        _WARNED.append(True)
+        warnings.warn(f"AugMix runs on CUDA with its torch kernels (same pixels, more launches and one host sync "
+                      f"per call): {kernels}. Upgrade PyTorch (or Triton) for the fused kernels; "
+                      f"backend='torch' silences this warning.", stacklevel=3)
+    return 'torch'
 
 
 def resolve_backend(backend, device):
     """The backend that runs images on `device`: 'triton' or 'torch'; ValueError for an impossible choice."""
     if backend is None:
-        kernels = triton_kernels() if torch.device(device).type == 'cuda' else None
-        return 'triton' if kernels is not None and not isinstance(kernels, Exception) else 'torch'
+        return _default_backend(device)
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be 'torch' (any device), 'triton' (fused CUDA kernels) or None (Triton for "
                          f"CUDA tensors when it imports, else torch), got {backend!r}.")
     if backend == 'triton':
         kernels = triton_kernels()
+        if isinstance(kernels, TritonTooOld):
+            raise ValueError(f"backend='triton' needs {TRITON_NEEDED_TEXT}: {kernels}. Upgrade PyTorch (or "
+                             f"Triton), or use backend='torch' (same pixels) or None (torch kernels when Triton "
+                             f"is too old).")
         if isinstance(kernels, Exception):
             raise ValueError(f"backend='triton' needs Triton, which did not import ({kernels!r}); install it (it "
                              f"ships with PyTorch's Linux CUDA wheels) or use backend='torch'.")

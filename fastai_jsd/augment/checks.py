@@ -5,6 +5,8 @@ import numbers
 import torch
 from torch import Tensor
 
+from fastai_jsd.augment.devices import move
+
 
 def image_problem(x, name='x'):
     """Why `x` is not a float `[B, C, H, W]` image batch with C in (1, 3), as (exception type, message); None if it is.
@@ -53,7 +55,7 @@ def per_image(value, x, name, dtype=None):
                              f"per image), got a tensor of shape {tuple(value.shape)}.")
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must hold real numbers, got a tensor of dtype {value.dtype}.")
-        return value.to(device=x.device, dtype=dtype).reshape(-1, 1, 1, 1).expand(batch, 1, 1, 1)
+        return move(value, x.device, dtype).reshape(-1, 1, 1, 1).expand(batch, 1, 1, 1)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number or a [B] tensor, got {value!r} "
                         f"of type {type(value).__name__}.")

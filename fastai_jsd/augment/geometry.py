@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastai_jsd.augment.devices import move
 from fastai_jsd.augment.checks import check_images, per_image
 
 
@@ -68,7 +69,7 @@ def _as_vector(value, name, device, dtype):
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must hold real numbers, got a tensor of dtype {value.dtype}.")
         device = value.device if device is None else device
-        return value.reshape(-1).to(device=device, dtype=dtype or _matrix_dtype(device))
+        return move(value.reshape(-1), device, dtype or _matrix_dtype(device))
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number or a [B] tensor, got {value!r} "
                         f"of type {type(value).__name__}.")
@@ -169,9 +170,9 @@ def fill_colour(fill, channels, device, dtype):
         raise ValueError(f"fill must hold 1 or C = {channels} values (one per channel), got {fill!r}; "
                          f"for 8-bit colours divide by 255.")
     _check_fill_values(fill)
-    if isinstance(fill, Tensor):
-        return fill.reshape(1, -1, 1, 1).to(device=device, dtype=dtype).expand(1, channels, 1, 1)
-    # Written value by value on the device: a host-to-device copy would synchronise the GPU stream.
+    if isinstance(fill, Tensor):  # a CPU colour is queued to the device, not waited for (devices.move)
+        return move(fill.reshape(1, -1, 1, 1), device, dtype).expand(1, channels, 1, 1)
+    # Written value by value on the device: a blocking host-to-device copy would synchronise the GPU stream.
     colour = torch.empty(1, count, 1, 1, device=device, dtype=dtype)
     for channel, value in enumerate(fill if isinstance(fill, (list, tuple)) else [fill]):
         colour[:, channel] = float(value)
@@ -186,13 +187,20 @@ def _check_fill_values(fill):
     if isinstance(fill, Tensor):
         if fill.device.type != 'cpu' or fill.numel() == 0:
             return
-        values = fill.detach().double().reshape(-1).tolist()
+        values = _flat(fill.tolist())  # read as it is: no tensor op, so no work queued anywhere
     else:
         values = list(fill) if isinstance(fill, (list, tuple)) else [fill]
     if not all(0 <= float(value) <= 1 for value in values):  # written so that NaN fails too
         shown = ', '.join(f'{float(value):.3g}' for value in values[:4])
         raise ValueError(f"fill must be a colour with values in [0, 1] (pixel scale), got ({shown}); for 8-bit "
                          f"colours divide by 255, and NaN or inf is no colour.")
+
+
+def _flat(values):
+    """The numbers of a nested list (`Tensor.tolist()`) in order; a number alone as a list of one."""
+    if not isinstance(values, list):
+        return [values]
+    return [number for value in values for number in _flat(value)]
 
 
 class Workspace:
@@ -303,7 +311,7 @@ def warp_affine(x, matrix, fill=0.):
     _check_matrix(matrix, x.shape[0])
     compute_dtype = compute_dtype_of(x.dtype)
     fill = fill_colour(fill, x.shape[1], x.device, compute_dtype)
-    coeffs = matrix.to(device=x.device, dtype=compute_dtype)
+    coeffs = move(matrix, x.device, compute_dtype)
     image = x.to(compute_dtype)
     out = _warp_into(image, coeffs, fill, torch.empty(image.shape, device=x.device, dtype=compute_dtype))
     return out.to(x.dtype)

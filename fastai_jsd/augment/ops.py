@@ -14,6 +14,7 @@ import numbers
 import torch
 from torch import Tensor
 
+from fastai_jsd.augment.devices import move
 from fastai_jsd.augment.checks import check_images, per_image
 # The geometric kernels live in geometry.py (they share one affine-warp implementation); the op set is
 # public here as one namespace, as DESIGN.md lists it.
@@ -100,14 +101,14 @@ def equalize_into(x, out, levels=None):
     # One histogram for the whole batch: channel k of the batch counts into bins [256 k, 256 k + 256).
     offsets = torch.arange(0, batch * channels * 256, 256, dtype=torch.int32, device=x.device)
     flat_index = levels.add_(offsets.view(batch, channels, 1, 1)).view(-1)
-    counts = _bin_counts(flat_index, batch * channels * 256).view(batch * channels, 256)
+    counts = bin_counts(flat_index, batch * channels * 256).view(batch * channels, 256)
     lut = _pil_equalize_lut(counts, height * width).to(out.dtype).div_(255).view(-1)
     torch.index_select(lut, 0, flat_index, out=out.view(-1))
     return out
 
 
-def _bin_counts(flat_index, bins):
-    """Histogram of non-negative int32 indices into `bins` bins, without a host sync on any device."""
+def bin_counts(flat_index, bins):
+    """Histogram of non-negative integer indices into `bins` bins (int32 counts), without a host sync on any device."""
     if flat_index.device.type == 'cpu':  # twice as fast as index_add_ there
         return torch.bincount(flat_index, minlength=bins).to(torch.int32)
     # index_add_ rather than bincount: CUDA's bincount reads the largest index back to the host
@@ -261,7 +262,7 @@ def contrast_into(x, factor, out):
     """`contrast` with per-image `factor` (`[B, 1, 1, 1]`) into `out` (None: a new tensor), which may be `x`."""
     channel_means = x.mean(dim=(-2, -1), dtype=_accumulation_dtype(x))
     if x.shape[1] == 3:
-        weights = torch.tensor(_LUMA_WEIGHTS, dtype=channel_means.dtype, device=x.device)
+        weights = move(torch.tensor(_LUMA_WEIGHTS, dtype=channel_means.dtype), x.device)
         mean = channel_means @ weights
     else:
         mean = channel_means[:, 0]

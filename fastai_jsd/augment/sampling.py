@@ -11,6 +11,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from fastai_jsd.augment.devices import move
 from fastai_jsd.augment.backends import resolve_backend, triton_kernels
 
 NO_OP = -1  # op index of the steps after a chain's depth: the image passes through unchanged
@@ -43,13 +44,17 @@ class AugMixParams:
     def steps(self): return self.op_index.shape[2]
 
     def to(self, device):
-        """The same draw with every tensor on `device` (float64 becomes float32 on MPS, which lacks it)."""
+        """The same draw with every tensor on `device` (float64 becomes float32 on MPS, which lacks it).
+
+        Copies from the CPU are queued without waiting for the GPU (`devices.move`), so a draw made on
+        the CPU (a CPU generator, `sample_augmix`'s default device) costs a CUDA batch no host sync.
+        """
         device = torch.device(device)
-        def move(t):
-            if device.type == 'mps' and t.dtype == torch.float64:
-                t = t.float()
-            return t.to(device)
-        return AugMixParams(*(move(t) for t in (self.chain_weights, self.blend, self.op_index, self.op_argument)),
+
+        def moved(t):
+            dtype = torch.float32 if device.type == 'mps' and t.dtype == torch.float64 else None
+            return move(t, device, dtype)
+        return AugMixParams(*(moved(t) for t in (self.chain_weights, self.blend, self.op_index, self.op_argument)),
                             sampled=self.sampled)
 
 
@@ -160,8 +165,9 @@ def sample_augmix(batch_size, image_height, image_width, severity=3, width=3, de
 
     Sampling runs on `generator`'s device when one is given (so a CPU generator gives the same
     draw whatever the images' device), else on `device` with torch's global RNG, which
-    fastai's `set_seed` seeds; the result is moved to `device`. `geometric=False` draws from
-    the appearance ops only (no rotate, shear or translate), so every pixel stays in place.
+    fastai's `set_seed` seeds; the result is queued to `device` (from the CPU without waiting for
+    the GPU). `geometric=False` draws from the appearance ops only (no rotate, shear or
+    translate), so every pixel stays in place.
     """
     _check_size(batch_size, 'batch_size')
     _check_size(image_height, 'image_height')

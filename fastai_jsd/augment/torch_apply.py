@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fastai_jsd.augment import geometry, ops
+from fastai_jsd.augment.devices import move
 from fastai_jsd.augment.sampling import NO_OP, OP_NAMES, OPS
 
 # Application: `apply(source, positions, argument, fill, out, workspace)` writes the op applied to
@@ -142,7 +143,7 @@ _CPU_BLOCK_BYTES = 10 * 2 ** 20
 def _op_groups(op_index, argument):
     """The group of every chain step: its op, a fractional translation, or `_UNCHANGED`."""
     device = op_index.device
-    geometric = torch.tensor([OPS[name].geometric for name in OP_NAMES], device=device)
+    geometric = move(torch.tensor([OPS[name].geometric for name in OP_NAMES]), device)
     known = op_index.clamp(min=0)
     unchanged = (op_index == NO_OP) | (geometric[known] & (argument == 0))
     fractional = argument != torch.floor(argument)
@@ -293,8 +294,9 @@ def apply(x, params, fill):
     key_count = 2 * _GROUP_COUNT
     block_step_key = (block_of_row[:, None] * steps + torch.arange(steps, device=x.device)) * key_count + key
     block_count = -(-batch // block)
-    counts = torch.bincount(block_step_key.flatten(), minlength=block_count * steps * key_count)
-    counts = counts.view(block_count, steps, key_count).tolist()  # the one host sync
+    # ops.bin_counts: CUDA's bincount would read the largest key back to size its output, two more host syncs.
+    counts = ops.bin_counts(block_step_key.flatten(), block_count * steps * key_count)
+    counts = counts.view(block_count, steps, key_count).tolist()  # the one host sync: group sizes set the slices
 
     pad = geometry.padding_slots(channels, height, width)
     slots = max(_arena_slots(min(block, batch - first), counts[index], pad)

@@ -7,8 +7,10 @@ across the program, so no divergence), and a step is:
 
 - `_statistics_kernel`, one program per chain and channel: the statistics the step's op needs from the
   chain's current image (equalize's 256-level lookup table, autocontrast's low and span, contrast's
-  channel mean); programs whose op needs none return at once;
-- `_step_kernel`, one program per image and pixel block, looping over the image's chains: each output
+  channel mean), or the quotients of its argument that posterize, solarize and sharpness use (divisions
+  kept out of the step kernel, where they would cost registers); programs whose op needs none return;
+- `_step_kernel`, one program per image and pixel block (both on the grid's first axis, whose limit is
+  2**31 - 1 rather than the 65535 of the others), looping over the image's chains: each output
   pixel applies the chain's op (a point op in place of the pixel, rotate/shear/translate as a bilinear
   gather with PIL's edge rule and the fill colour, sharpness as a 3x3 neighbourhood). The last step mixes
   instead of storing: (1 - m) * x + sum_i m * w_i * chain_i, so the chains' final images are never written.
@@ -17,8 +19,17 @@ A chain's images alternate between two buffers, by the count of its ops that cha
 (steps past its depth and geometric ops with argument 0 change nothing and are skipped, as on the torch
 path), so a gather never reads a buffer that the same step writes. The arithmetic follows the torch
 kernels operation for operation (same formulas, same order, float32 pixels, float64 where they use it),
-with floating-point contraction disabled, so the two backends give the same pixels for the same params
-up to rounding (tests: within 1/255, almost always exactly).
+with floating-point contraction disabled and correctly rounded division (`_divide`), so the two backends
+give the same pixels for the same params up to rounding (tests: within 1/255, almost always exactly).
+
+Working memory: the two float32 images per chain and the statistics, `working_bytes_per_image` each; a batch
+whose working memory would pass `WORKING_BYTES` (2 GiB) runs in chunks of images that stay within it (one
+image at a time if one alone needs more), each chunk its own launch sequence. Smaller batches run in one,
+so the launch count does not grow with the batch. Views of any strides work: offsets that can reach 2**31
+are computed in int64 (`needs_wide_offsets`); an image itself must have fewer than 2**31 values.
+
+Launches go to the images' GPU and its current stream (`devices.on_device`): Triton launches on the current
+device, which need not be the tensors'.
 
 `sample_arguments` turns the raw draws of `sample_augmix` into op indices and arguments in one launch,
 with the same float64 arithmetic as the torch sampler.
@@ -29,6 +40,8 @@ them that way against the torch backend.
 import torch
 import triton
 import triton.language as tl
+
+from fastai_jsd.augment.devices import on_device
 
 # Op indices, as in sampling.OP_NAMES (tests/test_triton.py checks the order).
 AUTOCONTRAST = tl.constexpr(0)
@@ -53,13 +66,29 @@ LUMA_GREEN = tl.constexpr(38470 / 65536)
 LUMA_BLUE = tl.constexpr(7471 / 65536)
 # torch.deg2rad's factor; passed through tl.full to stay a float64 constant.
 PI_OVER_180 = tl.constexpr(0.017453292519943295)
-# Per chain and channel: 256 values (equalize's table; autocontrast and contrast use the first two).
+# Per chain and channel: 256 values (equalize's table; autocontrast, contrast, posterize, solarize and sharpness
+# use the first three at most).
 STATISTICS_SIZE = tl.constexpr(256)
 # Launch shapes, chosen by registers and spills in ptxas's report for sm_90 (the step kernel holds every op's
 # code: 256 pixels over 4 warps keep it at about 80 registers without spills); the statistics kernel scans a
 # whole image per program, so it takes wider blocks.
 STEP_PIXELS, STEP_WARPS = 256, 4
 STATISTICS_PIXELS, STATISTICS_WARPS = 2048, 8
+# The most bytes of ping-pong images and statistics one launch sequence may use (see the module docs): a few
+# per cent of a datacentre GPU, and the batch sizes augmentation sees in one sequence (224 px, width 3: 592).
+WORKING_BYTES = 2 * 2 ** 30
+
+
+@triton.jit
+def _divide(dividend, divisor):
+    """dividend / divisor in float32, correctly rounded as torch divides.
+
+    Compiled, `/` on float32 is a fast division up to 2 ulp off (the interpreter's numpy is exact); results
+    that are floored or compared (autocontrast followed by posterize, posterize's and contrast's levels,
+    solarize's threshold, equalize's table, sharpness's weight) hit exact ties on real photos, where 2 ulp
+    move a pixel by whole levels. float64 `/` is correctly rounded already.
+    """
+    return tl.math.div_rn(dividend, divisor)
 
 
 @triton.jit
@@ -92,7 +121,7 @@ def _current_image(x_ptr, buffer_ptr, done, image, chain, chains, x_stride_b, x_
     The clean image until an op changed it, then the buffer its last op wrote: one load path for both,
     which keeps the kernels' registers few (x is float32 here, see `apply_augmix`).
     """
-    plane = C * H * W
+    plane = tl.cast(C * H, tl.int64) * W
     written = buffer_ptr + ((done + 1) % 2).to(tl.int64) * chains * plane + chain.to(tl.int64) * plane
     clean = x_ptr + image.to(tl.int64) * x_stride_b
     from_x = done == 0
@@ -102,8 +131,19 @@ def _current_image(x_ptr, buffer_ptr, done, image, chain, chains, x_stride_b, x_
 
 @triton.jit
 def _load_pixels(source, stride_c, stride_h, stride_w, channel, row, col, mask):
-    """float32 pixels of one channel of the image at `source` at (row, col)."""
+    """float32 pixels of one channel of the image at `source` at (row, col), in the strides' integer type."""
     return tl.load(source + channel * stride_c + row * stride_h + col * stride_w, mask=mask, other=0.)
+
+
+@triton.jit
+def _as_int64(stride_b, stride_c, stride_h, stride_w):
+    """x's strides as int64, so that every offset computed from them is int64 (kernels with WIDE, `needs_wide_offsets`).
+
+    Triton passes ints below 2**31 as int32, and int32 products wrap: in a view whose channel stride
+    passes 2**30, channel 2 would read elsewhere. int64 offsets cost registers, so only such views pay.
+    """
+    return tl.cast(stride_b, tl.int64), tl.cast(stride_c, tl.int64), tl.cast(stride_h, tl.int64), tl.cast(
+        stride_w, tl.int64)
 
 
 @triton.jit
@@ -153,18 +193,17 @@ def _point_op(op, argument, value, gray, channel_statistics, contrast_mean):
     if op == AUTOCONTRAST:
         low = tl.load(channel_statistics)
         span = tl.load(channel_statistics + 1)
-        result = (value - low) / span
+        result = _divide(value - low, span)
     elif op == EQUALIZE:
         scaled = tl.minimum(tl.maximum(value * 255.0 + 0.5, 0.), 255.)
         level = tl.minimum(tl.maximum(scaled.to(tl.int32), 0), 255)  # NaN cannot index outside the table
         result = tl.load(channel_statistics + level)
     elif op == POSTERIZE:
-        step = tl.exp2(8 - argument.to(tl.float32))
-        result = tl.floor(value * (255.0 / step) + 0.5 / step) * (step / 255.0)
+        # ops.posterize_into, with 255 / step, 0.5 / step and step / 255 from `_argument_quotients`
+        result = (tl.floor(value * tl.load(channel_statistics) + tl.load(channel_statistics + 1))
+                  * tl.load(channel_statistics + 2))
     elif op == SOLARIZE:
-        # ops.solarize_pixel_threshold: a threshold on PIL's 256 levels
-        threshold = (tl.floor(argument.to(tl.float32) * 255 + 0.5) - 0.5) / 255
-        result = tl.abs((value >= threshold).to(tl.float32) - value)
+        result = tl.abs((value >= tl.load(channel_statistics)).to(tl.float32) - value)
     elif op == COLOR:
         result = tl.minimum(tl.maximum(_lerp(gray, value, argument.to(tl.float32)), 0.), 1.)
     elif op == CONTRAST:
@@ -206,8 +245,8 @@ def _source_position(op, argument, row, col, mask, H, W):
         decimals = tl.full([], 1e15, tl.float64)
         cos = tl.floor(tl.cos(angle) * decimals + 0.5) / decimals
         sin = tl.floor(tl.sin(angle) * decimals + 0.5) / decimals
-        centre_x = W / 2.0
-        centre_y = H / 2.0
+        centre_x = tl.cast(W, tl.float64) * 0.5  # a cast, not .to: Triton passes an int 1 as a constant
+        centre_y = tl.cast(H, tl.float64) * 0.5
         a = cos.to(tl.float32)
         b = sin.to(tl.float32)
         c = (centre_x - cos * centre_x - sin * centre_y).to(tl.float32)
@@ -249,7 +288,7 @@ def _channel_step(op, argument, channel, source, stride_c, stride_h, stride_w, s
     else:
         value = _load_pixels(source, stride_c, stride_h, stride_w, channel, row, col, mask)
         if op == SHARPNESS:
-            neighbour_weight = (1.0 - argument.to(tl.float32)) / 13.0
+            neighbour_weight = tl.load(statistics_ptr + channel * STATISTICS_SIZE)  # `_argument_quotients`
             value = _sharpen(source, stride_c, stride_h, stride_w, channel, row, col, value, neighbour_weight, mask, H, W)
         else:
             gray = value  # a gray image is its own grayscale: color leaves it unchanged (a lerp of equal ends)
@@ -266,19 +305,42 @@ def _channel_step(op, argument, channel, source, stride_c, stride_h, stride_w, s
                     contrast_mean = (tl.load(statistics_ptr) * LUMA_RED
                                      + tl.load(statistics_ptr + STATISTICS_SIZE) * LUMA_GREEN
                                      + tl.load(statistics_ptr + 2 * STATISTICS_SIZE) * LUMA_BLUE)
-                contrast_mean = tl.floor(contrast_mean * 255 + 0.5) / 255
+                contrast_mean = _divide(tl.floor(contrast_mean * 255 + 0.5), 255.0)
             value = _point_op(op, argument, value, gray, statistics_ptr + channel * STATISTICS_SIZE, contrast_mean)
     return value
 
 
 @triton.jit
+def _argument_quotients(op, argument, out):
+    """Store at `out` the quotients of the argument that posterize, solarize or sharpness use, as torch divides."""
+    if op == POSTERIZE:
+        # ops.posterize_into's 255 / step, 0.5 / step and step / 255, with step = 2 ** (8 - bits) exact from the
+        # integer bits (tl.exp2 is approximate when compiled)
+        step = (1 << (8 - argument.to(tl.int32))).to(tl.float32)
+        tl.store(out, _divide(255.0, step))
+        tl.store(out + 1, _divide(0.5, step))
+        tl.store(out + 2, _divide(step, 255.0))
+    elif op == SOLARIZE:
+        # ops.solarize_pixel_threshold: the pixel value from which a level reaches PIL's threshold
+        tl.store(out, _divide(tl.floor(argument.to(tl.float32) * 255 + 0.5) - 0.5, 255.0))
+    else:
+        # ops.sharpness_into: the weight of each of the 8 neighbours
+        tl.store(out, _divide(1.0 - argument.to(tl.float32), 13.0))
+
+
+@triton.jit(do_not_specialize=['step'])  # one compiled kernel for every step, not one for step 1 and one for 0
 def _statistics_kernel(op_ptr, argument_ptr, x_ptr, buffer_ptr, statistics_ptr, step, steps, width, chains,
                        x_stride_b, x_stride_c, x_stride_h, x_stride_w, H, W,
-                       C: tl.constexpr, BLOCK: tl.constexpr):
-    """Per chain and channel, what this step's op needs from the chain's current image."""
+                       C: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """Per chain and channel, what this step's op needs from the chain's current image, or from its argument."""
+    if WIDE:
+        x_stride_b, x_stride_c, x_stride_h, x_stride_w = _as_int64(x_stride_b, x_stride_c, x_stride_h, x_stride_w)
     chain = tl.program_id(0)
     channel = tl.program_id(1)
     op = tl.load(op_ptr + chain * steps + step)
+    if (op == POSTERIZE) | (op == SOLARIZE) | (op == SHARPNESS):
+        argument = tl.load(argument_ptr + chain * steps + step)
+        _argument_quotients(op, argument, statistics_ptr + (chain * C + channel).to(tl.int64) * STATISTICS_SIZE)
     if (op == AUTOCONTRAST) | (op == EQUALIZE) | (op == CONTRAST):
         done = _ops_done(op_ptr, argument_ptr, chain, step, steps)
         source, stride_c, stride_h, stride_w = _current_image(x_ptr, buffer_ptr, done, chain // width, chain, chains,
@@ -312,7 +374,7 @@ def _statistics_kernel(op_ptr, argument_ptr, x_ptr, buffer_ptr, statistics_ptr, 
             step_size = (pixels - at_top) // 255
             table = tl.minimum((step_size // 2 + below) // tl.maximum(step_size, 1), 255)
             table = tl.where(step_size > 0, table, levels)
-            tl.store(out + levels, table.to(tl.float32) / 255)
+            tl.store(out + levels, _divide(table.to(tl.float32), 255.0))
         elif op == AUTOCONTRAST:
             # ops.autocontrast_into: a flat channel keeps its values (low 0, span 1)
             lowest = tl.min(low)
@@ -321,21 +383,26 @@ def _statistics_kernel(op_ptr, argument_ptr, x_ptr, buffer_ptr, statistics_ptr, 
             tl.store(out, tl.where(flat, 0., lowest))
             tl.store(out + 1, tl.where(flat, 1., highest - lowest))
         else:
-            tl.store(out, tl.sum(total) / pixels)
+            tl.store(out, _divide(tl.sum(total), tl.cast(pixels, tl.float32)))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['step'])
 def _step_kernel(op_ptr, argument_ptr, weight_ptr, blend_ptr, x_ptr, buffer_ptr, statistics_ptr, fill_ptr, out_ptr,
                  step, steps, width, chains, x_stride_b, x_stride_c, x_stride_h, x_stride_w,
-                 out_stride_b, out_stride_c, out_stride_h, out_stride_w, H, W,
-                 C: tl.constexpr, LAST: tl.constexpr, BLOCK: tl.constexpr):
-    """One chain step for every chain of one image at a block of pixels; the last step mixes into `out`."""
-    image = tl.program_id(0)
-    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+                 out_stride_b, out_stride_c, out_stride_h, out_stride_w, H, W, pixel_blocks,
+                 C: tl.constexpr, LAST: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """One chain step for every chain of one image at a block of pixels; the last step mixes into `out`.
+
+    Program `image * pixel_blocks + block`: one grid axis, so images of more than 65535 blocks launch too.
+    """
+    if WIDE:
+        x_stride_b, x_stride_c, x_stride_h, x_stride_w = _as_int64(x_stride_b, x_stride_c, x_stride_h, x_stride_w)
+    image = tl.program_id(0) // pixel_blocks
+    offsets = (tl.program_id(0) % pixel_blocks) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < H * W
     row = offsets // W
     col = offsets % W
-    plane = C * H * W
+    plane = tl.cast(C * H, tl.int64) * W
     mixed_red = tl.zeros([BLOCK], tl.float32)
     mixed_green = tl.zeros([BLOCK], tl.float32)
     mixed_blue = tl.zeros([BLOCK], tl.float32)
@@ -386,43 +453,89 @@ def _step_kernel(op_ptr, argument_ptr, weight_ptr, blend_ptr, x_ptr, buffer_ptr,
             tl.store(out + 2 * out_stride_c, mixed_blue.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# Whether Triton's interpreter runs these kernels (TRITON_INTERPRET=1 when Triton was imported): then on CPU tensors.
+INTERPRETED = type(_step_kernel).__name__ == 'InterpretedFunction'
+
+
 def _pixel_block(pixels, most):
     """Pixels per program: a power of two, at most `most`, no more than the image needs."""
     return min(most, triton.next_power_of_2(pixels))
 
 
+def needs_wide_offsets(x):
+    """Whether an offset within an image of `x` can reach 2**31 (a view of huge strides): int64 arithmetic then.
+
+    The buffers and the output are contiguous images of fewer than 2**31 values: int32 offsets suffice there.
+    """
+    return sum((size - 1) * abs(stride) for size, stride in zip(x.shape[1:], x.stride()[1:])) >= 2 ** 31
+
+
+def working_bytes_per_image(params, channels, height, width):
+    """Kernel working memory per image, in bytes: its chains' two float32 images (with 2 steps or more), statistics."""
+    images = 2 if params.steps > 1 else 0
+    return params.width * channels * (images * height * width + STATISTICS_SIZE.value) * 4
+
+
+def images_per_launch(params, channels, height, width):
+    """Images per launch sequence: as many as keep the working memory within WORKING_BYTES, at least one."""
+    return max(1, WORKING_BYTES // working_bytes_per_image(params, channels, height, width))
+
+
 def apply_augmix(x, params, fill):
     """AugMix of `x` (float `[B, C, H, W]`) with `params` and the `[C]` float32 fill colour, in 2 launches per step.
 
-    Inputs are checked by `fastai_jsd.augment.apply_augmix`; `params` must be on x's device.
+    Inputs are checked by `fastai_jsd.augment.apply_augmix`; `params` must be on x's device. Batches whose
+    working memory would pass WORKING_BYTES run in chunks of `images_per_launch` images (module docs).
     """
     batch, channels, height, width = x.shape
+    if channels * height * width >= 2 ** 31:
+        raise ValueError(f"backend='triton' takes images of fewer than 2**31 values, got {channels} x {height} x "
+                         f"{width}; use backend='torch'.")
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if out.numel() == 0:
         return out
-    chains = batch * params.width
-    steps = params.steps
+    # Made contiguous once, outside the step loop: blend is a column of the Beta draw, a copy per step otherwise.
     op_index = params.op_index.contiguous()
     op_argument = params.op_argument.contiguous()
-    # Two images per chain (ping-pong); a one-step draw writes none, but a kernel argument must point somewhere.
-    buffer_shape = (2, chains, channels, height, width) if steps > 1 else (1,)
-    buffers = torch.empty(buffer_shape, device=x.device, dtype=torch.float32)
-    statistics = torch.empty((chains, channels, STATISTICS_SIZE.value), device=x.device, dtype=torch.float32)
-    step_block = _pixel_block(height * width, STEP_PIXELS)
-    statistics_block = _pixel_block(height * width, STATISTICS_PIXELS)
+    chain_weights = params.chain_weights.contiguous()
+    blend = params.blend.contiguous()
     # The kernels read the clean image and the buffers through one float32 load path (fewer registers);
     # other dtypes pay one conversion.
     x = x if x.dtype == torch.float32 else x.float()
+    chunk = min(batch, images_per_launch(params, channels, height, width))
+    chains = chunk * params.width
+    # Two images per chain (ping-pong); a one-step draw writes none, but a kernel argument must point somewhere.
+    # Chunks reuse them: their launches queue on one stream, one after the other.
+    buffer_shape = (2, chains, channels, height, width) if params.steps > 1 else (1,)
+    buffers = torch.empty(buffer_shape, device=x.device, dtype=torch.float32)
+    statistics = torch.empty((chains, channels, STATISTICS_SIZE.value), device=x.device, dtype=torch.float32)
+    with on_device(x.device):
+        for first in range(0, batch, chunk):
+            images = slice(first, min(first + chunk, batch))
+            _launch_steps(x[images], op_index[images], op_argument[images], chain_weights[images], blend[images],
+                          fill, buffers, statistics, out[images])
+    return out
+
+
+def _launch_steps(x, op_index, op_argument, chain_weights, blend, fill, buffers, statistics, out):
+    """The launch sequence of one chunk of images: a statistics and a step kernel per chain step."""
+    batch, channels, height, width = x.shape
+    chains_per_image, steps = op_index.shape[1:]
+    chains = batch * chains_per_image
+    step_block = _pixel_block(height * width, STEP_PIXELS)
+    pixel_blocks = triton.cdiv(height * width, step_block)
+    statistics_block = _pixel_block(height * width, STATISTICS_PIXELS)
+    wide = needs_wide_offsets(x)
     for step in range(steps):
         _statistics_kernel[(chains, channels)](
-            op_index, op_argument, x, buffers, statistics, step, steps, params.width, chains,
-            *x.stride(), height, width, C=channels, BLOCK=statistics_block, num_warps=STATISTICS_WARPS,
+            op_index, op_argument, x, buffers, statistics, step, steps, chains_per_image, chains,
+            *x.stride(), height, width, C=channels, BLOCK=statistics_block, WIDE=wide, num_warps=STATISTICS_WARPS,
             enable_fp_fusion=False)
-        _step_kernel[(batch, triton.cdiv(height * width, step_block))](
-            op_index, op_argument, params.chain_weights.contiguous(), params.blend.contiguous(), x, buffers,
-            statistics, fill, out, step, steps, params.width, chains, *x.stride(), *out.stride(), height, width,
-            C=channels, LAST=step == steps - 1, BLOCK=step_block, num_warps=STEP_WARPS, enable_fp_fusion=False)
-    return out
+        _step_kernel[(batch * pixel_blocks,)](
+            op_index, op_argument, chain_weights, blend, x, buffers, statistics, fill, out, step, steps,
+            chains_per_image, chains, *x.stride(), *out.stride(), height, width, pixel_blocks,
+            C=channels, LAST=step == steps - 1, BLOCK=step_block, WIDE=wide, num_warps=STEP_WARPS,
+            enable_fp_fusion=False)
 
 
 @triton.jit
@@ -447,8 +560,8 @@ def _arguments_kernel(slot_ptr, level_ptr, sign_draw_ptr, depth_ptr, op_ptr, arg
     argument = tl.where(op == SOLARIZE, (256 - tl.floor(level * 256 / ten)) / 255, argument)
     shear = level * (tl.full([], 3, tl.float64) / ten) / ten
     argument = tl.where((op == SHEAR_X) | (op == SHEAR_Y), shear, argument)
-    third_width = width.to(tl.float64) / 3
-    third_height = height.to(tl.float64) / 3
+    third_width = tl.cast(width, tl.float64) / 3  # a cast, not .to: Triton passes an int 1 as a constant
+    third_height = tl.cast(height, tl.float64) / 3
     argument = tl.where(op == TRANSLATE_X, tl.floor(level * third_width / ten), argument)
     argument = tl.where(op == TRANSLATE_Y, tl.floor(level * third_height / ten), argument)
     enhance = level * (tl.full([], 18, tl.float64) / ten) / ten + tl.full([], 1, tl.float64) / ten
@@ -466,7 +579,8 @@ def sample_arguments(slot, level, sign_draw, chain_depth, image_height, image_wi
     count = slot.numel()
     if count:
         block = 256
-        _arguments_kernel[(triton.cdiv(count, block),)](
-            slot, level, sign_draw, chain_depth, op_index, op_argument, count, slot.shape[-1],
-            image_height, image_width, GEOMETRIC=geometric, BLOCK=block, enable_fp_fusion=False)
+        with on_device(slot.device):
+            _arguments_kernel[(triton.cdiv(count, block),)](
+                slot, level, sign_draw, chain_depth, op_index, op_argument, count, slot.shape[-1],
+                image_height, image_width, GEOMETRIC=geometric, BLOCK=block, enable_fp_fusion=False)
     return op_index, op_argument
