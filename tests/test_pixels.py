@@ -5,8 +5,8 @@ from fastai.data.transforms import IntToFloatTensor, Normalize
 from fastai.torch_core import TensorImage
 
 from fastai_jsd.data import fashion_dls
-from fastai_jsd.pixels import (channel_stats, decode, encode, encode_, erases_with_noise, find_normalize, normalize_stats,
-                               pixel_range_problem)
+from fastai_jsd.pixels import (channel_stats, decode, encode, encode_, erases_with_noise, find_normalize,
+                               normalize_stats, pixel_range_problem)
 
 
 @pytest.fixture(scope='module')
