@@ -626,12 +626,12 @@ class LossPartsRecorder(Callback):
         loss_func = underlying_loss(self.learn.loss_func)
         if not self.showing or getattr(loss_func, 'last_consistency', None) is None:
             return
-        consistency = loss_func.last_consistency.float()
+        consistency = torch.as_tensor(loss_func.last_consistency).float()
         if loss_func is not self.learn.loss_func:
             # MixUp/CutMix called the loss twice and lerped the results; only the last call's parts are kept.
-            cross_entropy = self.learn.loss.detach().float() - consistency
+            cross_entropy = self.learn.loss.detach().float() - consistency.to(self.learn.loss.device)
         else:
-            cross_entropy = loss_func.last_cross_entropy.float()
+            cross_entropy = torch.as_tensor(loss_func.last_cross_entropy).float()
         batch_size = find_bs(self.learn.yb)
         batch = torch.stack([cross_entropy, consistency.to(cross_entropy.device)]) * batch_size
         self.totals = batch if self.totals is None else self.totals + batch.to(self.totals.device)
