@@ -8,31 +8,49 @@ The loss sees `num_splits * B` predictions and B targets (a loss that does not c
 splits gets its targets repeated instead). `after_loss` puts the clean block back, so
 metrics, recorders and other callbacks see B rows. Nothing is swapped, so nothing needs
 restoring after a cancelled or crashed fit.
+
+One AugMixCallback belongs to one Learner, like fastai's MixUp or GradientAccumulation: adding it to a
+second Learner that still holds it is a ValueError.
 """
 import sys
-import weakref
+import warnings
 
 import torch
-from fastai.callback.core import Callback, TrainEvalCallback
+from fastai.callback.core import Callback
 from fastai.callback.mixup import MixHandler
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import Recorder
-from fastai.torch_core import TensorMask, num_distrib, rank_distrib, retain_type
+from fastai.torch_core import TensorMask, find_bs, num_distrib, rank_distrib, retain_type
 from fastai.vision.core import TensorBBox, TensorPoint
 
+import fastai_jsd.augment
 from fastai_jsd._device import move
 from fastai_jsd.augment import BACKENDS, augmix, check_augmix_args
-from fastai_jsd.pixels import check_image_batch, decode, encode, encode_, normalize_stats
+from fastai_jsd.pixels import (check_image_batch, decode, encode, encode_, erases_with_noise, normalize_stats,
+                               pixel_range_problem)
 
-__all__ = ['AugMixCallback', 'LossPartsRecorder', 'FollowFittingLearner', 'split_batchnorm']
+__all__ = ['AugMixCallback', 'LossPartsRecorder', 'split_batchnorm']
 
 
-def check_augment_output(out, pixels):
+def check_fill(fill):
+    """ValueError/TypeError unless `fill` is None or a colour AugMix can fill with, by AugMix's own rule.
+
+    The rule is `fastai_jsd.augment`'s (a finite number in [0, 1], or one per channel, as a sequence or a
+    tensor); the channel count is not known before the first batch, so 1 or 3 values are accepted here.
+    """
+    if fill is None:
+        return
+    device = fill.device if isinstance(fill, torch.Tensor) else 'cpu'
+    fastai_jsd.augment.geometry.fill_colour(fill, 3, device, torch.float32)
+
+
+def check_augment_output(out, pixels, read_values=True):
     """What a custom `augment` returned, as a detached tensor of `pixels`' dtype; errors name what to change.
 
     Augmentation is not part of the model, so a result that requires grad is detached (the caller's tensor
     is never modified), and a float64 or float16 result is cast to the batch's dtype. A result on another
-    device or of an integer dtype is refused: a copy per batch, or a 0..255 scale, would hide a mistake.
+    device, of an integer dtype, or (when `read_values`: it reads two numbers back) with values outside
+    [0, 1] or NaN is refused: a copy per batch, a 0..255 scale or NaN weights would hide a mistake.
     """
     if not isinstance(out, torch.Tensor) or out.shape != pixels.shape:
         raise ValueError(f"augment must return a tensor of the input's shape {tuple(pixels.shape)}; "
@@ -43,7 +61,28 @@ def check_augment_output(out, pixels):
     if not out.is_floating_point():
         raise TypeError(f"augment must return float pixels in [0, 1] like its input ({pixels.dtype}); got dtype "
                         f"{out.dtype}. Convert 8-bit images with `.float() / 255`.")
+    problem = pixel_range_problem(out) if read_values else None
+    if problem is not None:
+        raise ValueError(f"augment must return pixels in [0, 1] like its input; it returned {problem}. Divide a "
+                         f"0..255 scale by 255, clamp overshoots with `.clamp(0, 1)`, and find where NaN come from "
+                         f"(a division by zero?): the model would learn from them.")
     return out.detach().to(pixels.dtype)
+
+
+def clean_rows(pred, batch_size, num_splits):
+    """The clean block (first `batch_size` rows) of predictions for `num_splits` stacked splits.
+
+    A model may return several tensors (a tuple or list, e.g. main and auxiliary logits, or a dict): each
+    tensor with `num_splits * batch_size` rows is cut; anything else is left as it is.
+    """
+    if isinstance(pred, torch.Tensor):
+        return pred[:batch_size] if pred.ndim and pred.shape[0] == num_splits * batch_size else pred
+    if isinstance(pred, dict):
+        return type(pred)({key: clean_rows(value, batch_size, num_splits) for key, value in pred.items()})
+    if isinstance(pred, (tuple, list)):
+        rows = [clean_rows(value, batch_size, num_splits) for value in pred]
+        return type(pred)(*rows) if hasattr(pred, '_fields') else type(pred)(rows)  # namedtuples take fields
+    return pred
 
 
 def is_pixel_aligned(y, images):
@@ -92,6 +131,24 @@ def underlying_loss(loss_func):
     if isinstance(handler, MixHandler) and hasattr(handler, 'old_lf'):
         return handler.old_lf
     return loss_func
+
+
+def describe_loss(loss_func):
+    """A loss by its name (a function's own, else its class's), for messages."""
+    name = getattr(loss_func, '__name__', None)
+    return name if isinstance(name, str) else type(loss_func).__name__
+
+
+def warn_targets_repeated(loss_func, num_splits):
+    """Warn that a loss which does not declare `consumes_splits` trains on repeated targets, without consistency."""
+    warnings.warn(
+        f"AugMixCallback: the loss ({describe_loss(loss_func)}) does not say whether it takes the stacked splits (it "
+        f"has no `consumes_splits` attribute), so its targets are repeated: it trains on the clean and augmented "
+        f"images alike ({num_splits} x the batch) with no consistency term. For AugMix + Jensen-Shannon "
+        f"consistency use loss_func=JsdCrossEntropy(); a function that wraps JsdCrossEntropy (adding a "
+        f"regulariser, say) gets the stacked predictions with the clean targets once it says so: "
+        f"`my_loss.consumes_splits = True`. If training this loss on every split is what you want, set "
+        f"`consumes_splits = False` on it, which silences this warning.", stacklevel=2)
 
 
 def split_batchnorm(learn, num_splits=3):
@@ -179,6 +236,11 @@ def check_split_bn_without_sync_bn(learn):
         "auxiliary BNs (timm's train.py refuses --split-bn with --sync-bn for the same reason). " + conflict)
 
 
+def holds(learner, cb):
+    """Whether `learner` lists `cb` itself among its callbacks (identity, not equality)."""
+    return any(c is cb for c in getattr(learner, 'cbs', ()))
+
+
 def check_single_augmix(learn):
     """ValueError when `learn` holds more than one AugMixCallback: the second would stack views of the first's views."""
     found = [cb for cb in learn.cbs if isinstance(cb, AugMixCallback)]
@@ -191,16 +253,19 @@ def check_single_augmix(learn):
 class AugMixCallback(Callback):
     """Train on AugMix views of every image: clean first, then `num_splits - 1` independent augmented splits.
 
-    Use with `loss_func=JsdCrossEntropy()` for AugMix + Jensen-Shannon consistency, or with any fastai
-    loss (targets are then repeated, so it trains on all splits). `num_splits=1` replaces each image by
-    its AugMix view (the paper's "AugMix without JSD"). `augment` replaces AugMix by any callable that
-    maps a pixel batch in [0, 1] to an augmented batch of the same shape. `fill=None` fills uncovered
-    areas of rotate/shear/translate with the dataset mean colour (zero after normalization, as timm).
-    `geometric=None` leaves rotate, shear and translate out when the targets are masks (segmentation:
-    `TensorMask`, or targets [B, ..., H, W]), so every pixel of a view stays where its label is;
-    `False` always leaves them out; `True` always uses them and refuses mask targets.
+    Use with `loss_func=JsdCrossEntropy()` for AugMix + Jensen-Shannon consistency. The callback reads the
+    loss's `consumes_splits`: True (JsdCrossEntropy, or a wrapper that says so) gets the k*B stacked
+    predictions with the B clean targets; False gets the targets repeated, so it trains on all splits; a
+    loss without the attribute is treated as False and warned about once (it has no consistency term).
+    `num_splits=1` replaces each image by its AugMix view (the paper's "AugMix without JSD"). `augment`
+    replaces AugMix by any callable that maps a pixel batch in [0, 1] to an augmented batch of the same shape.
+    `fill=None` fills uncovered areas of rotate/shear/translate with the dataset mean colour (zero after
+    normalization, as timm). `geometric=None` leaves rotate, shear and translate out when the targets are
+    masks (segmentation: `TensorMask`, or targets [B, ..., H, W]), so every pixel of a view stays where its
+    label is; `False` always leaves them out; `True` always uses them and refuses mask targets.
     `backend` picks the AugMix kernels: None = Triton's fused kernels for CUDA batches (no host sync),
     torch's otherwise; 'torch' or 'triton' to choose (see `fastai_jsd.augment.apply_augmix`).
+    One AugMixCallback belongs to one Learner: give each Learner its own.
     """
     # After MixUp/CutMix (order 0) so they mix first; before GradientAccumulation (6), which counts
     # `yb` rows in `after_loss`, and before MixedPrecision (10), so AugMix runs outside autocast in float32.
@@ -209,7 +274,7 @@ class AugMixCallback(Callback):
     # Per-fit and per-batch state stays out of the pickle, so an exported Learner carries no batch even when
     # a fit ended between before_batch and after_loss (an exception skips after_fit).
     _stateattrs = ('_rank_generator', '_rank_seed', 'pixel_stats', 'mean_colour', 'split_loss', 'loss_takes_splits',
-                   'clean_xb', 'clean_yb', 'mix_saved', '_learners')
+                   'clean_xb', 'clean_yb', 'mix_saved', 'erased_with_noise', '_values_checked', '_warned_loss')
 
     def __init__(self, num_splits=3, severity=3, width=3, depth=-1, alpha=1., all_ops=False, fill=None,
                  augment=None, geometric=None, backend=None):
@@ -227,15 +292,16 @@ class AugMixCallback(Callback):
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None (Triton's fused kernels for CUDA "
                              f"batches, else torch), got {backend!r}.")
+        check_fill(fill)
         self.backend = backend
         self.num_splits, self.severity, self.width, self.depth = num_splits, severity, width, depth
         self.alpha, self.all_ops, self.fill, self.augment = alpha, all_ops, fill, augment
         self.geometric = geometric
         self.parts_recorder = LossPartsRecorder()
 
-    # fastai sets `cb.learn` whenever a callback is added (Learner(cbs=...), add_cb, fit(cbs=...)) and
-    # clears it on removal. Two companions ride along: the loss-parts columns need a callback ordered after
-    # Recorder, and a FollowFittingLearner per Learner keeps one callback usable by several Learners.
+    # fastai sets `cb.learn` whenever a callback is added (Learner(cbs=...), add_cb, fit(cbs=...)) and clears it
+    # on removal. That is where a second Learner is refused, and where the loss-parts recorder (which must run
+    # after fastai's Recorder, so it is a callback of its own) joins and leaves the Learner with this one.
     @property
     def learn(self):
         return self.__dict__.get('_learner')
@@ -243,47 +309,29 @@ class AugMixCallback(Callback):
     @learn.setter
     def learn(self, learner):
         previous = self.__dict__.get('_learner')
+        if learner is not None and previous is not None and previous is not learner and holds(previous, self):
+            raise ValueError(
+                "This AugMixCallback already belongs to another Learner, which still has it among its callbacks. "
+                "One AugMixCallback belongs to one Learner (as fastai's MixUp or GradientAccumulation): give each "
+                "Learner its own AugMixCallback(). To move this one, remove it from the other Learner first "
+                "(other_learn.remove_cb(other_learn.aug_mix)).")
         self.__dict__['_learner'] = learner
-        if self.__dict__.get('parts_recorder') is None:  # in __init__, before the companion exists
+        recorder = self.__dict__.get('parts_recorder')
+        if recorder is None:
             return
-        if learner is not None:
-            self._attach_companions(learner)
-        elif previous is not None and self._holders(previous) == [previous]:
-            # Only then is `previous` surely the Learner removing this callback (fastai's remove_cb clears
-            # `learn` before it removes the callback from its list); a stale pair is dropped by FollowFittingLearner.
-            previous.remove_cbs([self.parts_recorder] + self._followers(previous))
-
-    def _attach_companions(self, learner):
-        """Give `learner` the loss-parts recorder and its own FollowFittingLearner; point the recorder at it."""
-        alive = [ref for ref in self.__dict__.get('_learners', []) if ref() is not None]
-        if not any(ref() is learner for ref in alive):
-            alive.append(weakref.ref(learner))  # weak: a callback never keeps an old Learner (and its model) alive
-        self.__dict__['_learners'] = alive
-        if self.parts_recorder in learner.cbs:
-            self.parts_recorder.learn = learner
-        else:
-            learner.add_cb(self.parts_recorder)
-        if not self._followers(learner):
-            learner.add_cb(FollowFittingLearner(self))
-
-    def _holders(self, learner):
-        """The Learners (`learner` and those this callback was added to) that still list this callback."""
-        known = [ref() for ref in self.__dict__.get('_learners', [])] + [learner]
-        holders = []
-        for candidate in known:
-            if candidate is not None and all(h is not candidate for h in holders) and \
-                    any(cb is self for cb in candidate.cbs):
-                holders.append(candidate)
-        return holders
-
-    def _followers(self, learner):
-        """The FollowFittingLearner callbacks of `learner` that serve this callback."""
-        return [cb for cb in learner.cbs if isinstance(cb, FollowFittingLearner) and cb.augmix_cb is self]
+        if learner is not None and not holds(learner, recorder):
+            learner.add_cb(recorder)
+        elif learner is None and previous is not None and holds(previous, recorder):
+            previous.remove_cb(recorder)
 
     # ----- fit-level checks -----
     def before_fit(self):
-        """Find the Normalize to decode with and check that loss and model agree with `num_splits`."""
+        """Find the Normalize to decode with and check that loss and model agree with `num_splits`.
+
+        fastai also runs `before_fit` for `validate` and `get_preds`; everything here is cheap and silent.
+        """
         self.clean_xb = self.clean_yb = self.mix_saved = None  # a batch left by a crashed fit
+        self._values_checked = False
         check_single_augmix(self.learn)
         self.read_normalize(self.dls.train)
         self.split_loss = underlying_loss(self.learn.loss_func)
@@ -298,6 +346,16 @@ class AugMixCallback(Callback):
                              f"makes num_splits={self.num_splits}. Call split_batchnorm(learn, {self.num_splits}).")
         check_split_bn_without_sync_bn(self.learn)
         self._rank_seed, self._rank_generator = rank_seed(), None
+
+    def before_train(self):
+        """Warn, once per loss, when this fit trains a loss that never said whether it takes the splits.
+
+        Here rather than in `before_fit`, which `validate` and `get_preds` run too; `lr_find` trains, so it counts.
+        """
+        undeclared = getattr(self.split_loss, 'consumes_splits', None) is None
+        if self.num_splits > 1 and undeclared and getattr(self, '_warned_loss', None) is not self.split_loss:
+            self._warned_loss = self.split_loss
+            warn_targets_repeated(self.split_loss, self.num_splits)
 
     def after_fit(self):
         """Drop the per-rank generator (`show()` uses the global RNG again) and a batch a cancelled fit left."""
@@ -328,20 +386,19 @@ class AugMixCallback(Callback):
             self._repeat_targets()
 
     def after_loss(self):
-        """Hand metrics and later callbacks the clean B rows again."""
+        """Hand metrics and later callbacks the clean B rows again (each tensor of a tuple of predictions)."""
         if not self.training or getattr(self, 'clean_xb', None) is None:
             return
         batch_size = self.clean_xb[0].shape[0]
         if self.num_splits > 1:
-            self.learn.pred = self.pred[:batch_size]
+            self.learn.pred = clean_rows(self.pred, batch_size, self.num_splits)
         self.learn.xb, self.learn.yb = self.clean_xb, self.clean_yb
         self._restore_mix_targets()
-        self.parts_recorder.accumulate(self.split_loss, batch_size)
         self.clean_xb = self.clean_yb = None
 
     def augmented_views(self, images, num_views, geometric=True):
         """`num_views` augmented copies of normalized `images`, as contiguous blocks, normalized again."""
-        pixels = self.decode(images)
+        pixels = self.pixels_of(images)
         if num_views > 1:
             pixels = pixels.repeat(num_views, 1, 1, 1)
         views = self.augment_pixels(pixels, geometric)
@@ -354,11 +411,19 @@ class AugMixCallback(Callback):
         if self.augment is not None:
             with torch.no_grad():  # augmentation is not part of what the model learns
                 out = self.augment(pixels)
-            return check_augment_output(out, pixels)
+            return check_augment_output(out, pixels, read_values=self._read_values(pixels.device))
         return augmix(pixels, severity=self.severity, width=self.width, depth=self.depth, alpha=self.alpha,
                       all_ops=self.all_ops, fill=self.fill_value(pixels),
                       generator=self.rank_generator(pixels.device), geometric=geometric,
                       backend=getattr(self, 'backend', None))
+
+    def _read_values(self, device):
+        """Whether to read back the range of a custom augment's result: every batch on the CPU (no cost to
+        speak of), else the first batch of each fit only, so that a GPU does not wait for the host every batch."""
+        if device.type == 'cpu' or not getattr(self, '_values_checked', False):
+            self._values_checked = True
+            return True
+        return False
 
     def fill_value(self, pixels):
         """`fill`, or the colour that normalizes to zero (the dataset mean, as timm fills) for normalized data."""
@@ -370,13 +435,25 @@ class AugMixCallback(Callback):
     def read_normalize(self, dl):
         """Take the Normalize statistics of `dl` (on its device, as its batches), and the colour that encodes to zero.
 
-        Once per fit (or `show`), so that no batch pays for them.
+        Once per fit (or `show`), so that no batch pays for them. Also notes whether fastai's RandomErasing
+        writes noise that decodes outside [0, 1] (see `pixels_of`).
         """
         self.pixel_stats = normalize_stats(dl, device=None)
+        self.erased_with_noise = erases_with_noise(dl)
         self.mean_colour = None
         if self.pixel_stats:
             zero = torch.zeros_like(self.pixel_stats[-1][0])
             self.mean_colour = decode(zero, self.pixel_stats).flatten()
+
+    def pixels_of(self, images):
+        """The pixels AugMix starts from: `images` decoded, and clipped to [0, 1] after fastai's RandomErasing.
+
+        RandomErasing fills rectangles with N(0, 1) noise after Normalize, so some of their decoded pixels
+        leave [0, 1], which AugMix's ops (posterize, solarize, equalize) are not defined for. Only the views
+        start from the clipped pixels: the clean split is fastai's erased batch as it is.
+        """
+        pixels = self.decode(images)
+        return pixels.clamp_(0., 1.) if getattr(self, 'erased_with_noise', False) else pixels
 
     def decode(self, images):
         """Pixels in [0, 1] from a normalized batch, as a new plain float tensor, with the DataLoaders' Normalize."""
@@ -446,7 +523,7 @@ class AugMixCallback(Callback):
                              "these DataLoaders have none. Use labels=None or False.")
         num_views = max(self.num_splits - 1, 1)
         with torch.no_grad():
-            pixels = self.decode(images)
+            pixels = self.pixels_of(images)
             views = self.augment_pixels(pixels.repeat(num_views, 1, 1, 1), geometric)
         columns = [pixels] + list(views.split(images.shape[0]))
         titles = ['clean'] + [f'aug{i + 1}' for i in range(num_views)]
@@ -495,28 +572,13 @@ def _imshow(ax, image):
 
 
 class FollowFittingLearner(Callback):
-    """Points an `AugMixCallback` (and its `LossPartsRecorder`) at this Learner when this Learner starts a fit.
+    """Does nothing. fastai_jsd 0.2.0 let Learners share an AugMixCallback through one of these per Learner;
+    Learners exported then hold one, so the name stays for `load_learner`."""
 
-    fastai gives a callback one `learn`, the Learner that added it last, so one AugMixCallback given to two
-    Learners would act on the second while the first one fits. One of these rides along per Learner (it is
-    the one place that knows which Learner is fitting) and runs before every other callback's `before_fit`.
-    """
-    order = TrainEvalCallback.order + 1
 
-    def __init__(self, augmix_cb):
-        self.augmix_cb = augmix_cb
-
-    def before_fit(self):
-        learner = self.learn
-        if any(cb is self.augmix_cb for cb in learner.cbs):
-            self.augmix_cb.learn = learner
-            return
-        # The AugMixCallback was removed from this Learner while another Learner also held it: drop the
-        # companions here. The recorder still gets this fit's before_fit; pointed at this Learner, which has
-        # no AugMixCallback, it adds no columns (the other Learner's FollowFittingLearner points it back).
-        recorder = self.augmix_cb.parts_recorder
-        learner.remove_cbs([recorder, self])
-        recorder.learn = learner
+def reports_parts(loss_func):
+    """Whether the loss keeps its last batch's two parts (`last_cross_entropy`, `last_consistency`)."""
+    return hasattr(loss_func, 'last_cross_entropy') and hasattr(loss_func, 'last_consistency')
 
 
 class LossPartsRecorder(Callback):
@@ -524,57 +586,63 @@ class LossPartsRecorder(Callback):
 
     `train_ce` and `train_jsd` are means over the epoch's training images of the loss's two parts (the
     cross-entropy of the clean images, and alpha x the Jensen-Shannon divergence), so their sum is the
-    epoch's mean loss. fastai's `train_loss` is not that mean: it is `Recorder`'s smoothed loss (an
-    exponential moving average over batches, beta 0.98) at the end of the epoch, so it weighs the last
-    batches most and differs from `train_ce + train_jsd`, most in the first epochs.
+    epoch's mean loss, the loss the model was trained on. Under MixUp/CutMix, which lerp the losses of two
+    target sets image by image, `train_ce` is that lerp of the two cross-entropies: the loss minus the
+    consistency part, which does not depend on the targets. fastai's `train_loss` is not that mean: it is
+    `Recorder`'s smoothed loss (an exponential moving average over batches, beta 0.98) at the end of the
+    epoch, so it weighs the last batches most and differs from `train_ce + train_jsd`, most in the first epochs.
 
-    Added and removed together with `AugMixCallback`. It runs after `Recorder` (which builds the
-    column names in `before_fit` and the row in `after_train`) and before `ProgressCallback` prints
-    the header, so names and values stay aligned for `final_record`, `recorder.values` and
-    `SaveModelCallback(monitor=...)`.
+    The two columns go at the end of the row, before `time`: fastai's own readers of the table keep their
+    columns (`ShowGraphCallback` plots column 1 of `recorder.values` as the validation loss). Added and removed
+    together with `AugMixCallback`. It runs after `Recorder`, which builds the column names in `before_fit`
+    and the row in `after_train`/`after_validate`, and before `ProgressCallback`, `CSVLogger` and
+    `SaveModelCallback` read the names, so names and values stay aligned for `final_record`, `recorder.values`
+    and `SaveModelCallback(monitor=...)`.
     """
     order = Recorder.order + 1
+    run_valid = False
     part_names = ('train_ce', 'train_jsd')
     _stateattrs = ('totals',)  # the running sums, possibly on a GPU: not part of an exported Learner
 
     def __init__(self):
-        self.totals, self.count, self.showing = None, 0, False
+        self.totals, self.count, self.showing, self.epoch_trained = None, 0, False, False
 
     def before_fit(self):
-        """Insert the part columns after 'train_loss' when the loss reports its parts."""
-        augmix_cb = next((cb for cb in self.learn.cbs if isinstance(cb, AugMixCallback)), None)
-        split_loss = getattr(augmix_cb, 'split_loss', None)
-        self.showing = hasattr(split_loss, 'last_consistency') and hasattr(self.learn, 'recorder')
+        """Add the part columns at the end of the row, before 'time', when the loss reports its parts."""
+        self.showing = reports_parts(underlying_loss(self.learn.loss_func)) and hasattr(self.learn, 'recorder')
+        self.epoch_trained = False
         if not self.showing:
             return
         names = list(self.recorder.metric_names)
-        at = self._train_loss_index(names)
+        at = len(names) - 1 if names[-1:] == ['time'] else len(names)
         self.recorder.metric_names = type(self.recorder.metric_names)(names[:at] + list(self.part_names) + names[at:])
 
-    @staticmethod
-    def _train_loss_index(names):
-        """Where the parts go: right after the training loss column."""
-        return names.index('train_loss') + 1 if 'train_loss' in names else 2
-
     def before_train(self):
-        self.totals, self.count = None, 0
+        # Only fits train: `validate` and `get_preds` run before_fit and after_validate, but never this.
+        self.totals, self.count, self.epoch_trained = None, 0, True
 
-    def accumulate(self, split_loss, batch_size):
-        """Add one batch's parts, weighted by its size; tensors stay on the device (no sync per batch)."""
-        ce_part = getattr(split_loss, 'last_cross_entropy', None)
-        consistency = getattr(split_loss, 'last_consistency', None)
-        if ce_part is None or consistency is None:
+    def after_loss(self):
+        """Add one training batch's parts, weighted by its clean images; tensors stay on the device (no sync)."""
+        loss_func = underlying_loss(self.learn.loss_func)
+        if not self.showing or getattr(loss_func, 'last_consistency', None) is None:
             return
-        batch = torch.stack([torch.as_tensor(ce_part).float(), torch.as_tensor(consistency).float()]) * batch_size
-        totals = getattr(self, 'totals', None)
-        self.totals = batch if totals is None else totals + batch.to(totals.device)
+        consistency = torch.as_tensor(loss_func.last_consistency).float()
+        if loss_func is not self.learn.loss_func:
+            # MixUp/CutMix called the loss twice and lerped the results; only the last call's parts are kept.
+            cross_entropy = self.learn.loss.detach().float() - consistency.to(self.learn.loss.device)
+        else:
+            cross_entropy = torch.as_tensor(loss_func.last_cross_entropy).float()
+        batch_size = find_bs(self.learn.yb)
+        batch = torch.stack([cross_entropy, consistency.to(cross_entropy.device)]) * batch_size
+        self.totals = batch if self.totals is None else self.totals + batch.to(self.totals.device)
         self.count += batch_size
 
-    def after_train(self):
-        """Put the epoch means of the parts into the row Recorder is building."""
-        if not self.showing or getattr(self.recorder, 'cancel_train', False):
+    def after_validate(self):
+        """Append the epoch means of the parts to the row Recorder is building (Recorder adds 'time' after)."""
+        if not (self.showing and self.epoch_trained):
             return
-        values = (self.totals / self.count).tolist() if self.count else [float('nan')] * 2
-        log = list(self.recorder.log)
-        at = self._train_loss_index(list(self.recorder.metric_names))
-        self.recorder.log = type(self.recorder.log)(log[:at] + values + log[at:])
+        self.epoch_trained = False
+        if getattr(self.recorder, 'cancel_train', False) or getattr(self.recorder, 'cancel_valid', False):
+            return  # fastai leaves the cancelled part's columns out of the row: ours would land under their names
+        values = (self.totals / self.count).tolist() if self.count else [float('nan')] * len(self.part_names)
+        self.recorder.log = type(self.recorder.log)(list(self.recorder.log) + values)

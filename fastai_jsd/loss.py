@@ -5,6 +5,7 @@ the loss of the AugMix paper's `imagenet.py` (https://arxiv.org/abs/1912.02781).
 predictions (segmentation) are timm's loss applied to every pixel that counts.
 """
 import numbers
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,11 @@ def jensen_shannon(split_logits: Tensor, class_dim: int = -1) -> Tensor:
     log_probs = F.log_softmax(_promoted(split_logits), dim=class_dim)
     probs = log_probs.exp()
     log_mixture = probs.mean(dim=0).clamp(MIXTURE_FLOOR, 1.).log()
-    kl_per_split = (probs * (log_probs - log_mixture)).sum(dim=class_dim)
+    # A class that a split rules out (logit -inf, a masked class) has p = 0 and log p = -inf: its term is
+    # 0 log 0 = 0, as in F.kl_div (timm's JSD), not 0 * -inf = nan. Masked before the product, so the
+    # gradient is finite too.
+    log_ratio = (log_probs - log_mixture).masked_fill(torch.isneginf(log_probs), 0.)
+    kl_per_split = (probs * log_ratio).sum(dim=class_dim)
     return kl_per_split.mean(dim=0)
 
 
@@ -136,6 +141,18 @@ def split_count(pred: Tensor, target: Tensor, num_splits: int | None) -> int:
     return k
 
 
+def counted_targets(target: Tensor, ignore_index: int) -> Tensor | None:
+    """Where integer `target` is not `ignore_index`; None (all count) when no value of its dtype can equal it.
+
+    Compared against the dtype's range first, not in the dtype: in uint8, -100 would wrap to 156 and 300 to 44,
+    and those classes would silently stop counting.
+    """
+    limits = torch.iinfo(target.dtype)
+    if not limits.min <= ignore_index <= limits.max:
+        return None
+    return target != ignore_index
+
+
 def _masked(values: Tensor, counted: Tensor | None) -> Tensor:
     "`values` with the entries that do not count set to 0 (and so given no gradient)."
     return values if counted is None else torch.where(counted, values, 0.)
@@ -154,6 +171,8 @@ def _per_image(masked_values: Tensor, counted: Tensor | None) -> Tensor:
     "One value per clean image: the row itself, or the mean over that image's counted pixels."
     if masked_values.ndim == 1:
         return masked_values
+    if counted is None:
+        return masked_values.flatten(1).mean(dim=1)
     return masked_values.flatten(1).sum(dim=1) / counted.flatten(1).sum(dim=1).clamp(min=1)
 
 
@@ -170,7 +189,8 @@ class JsdCrossEntropy(nn.Module):
     object serves the whole Learner. Same constructor, defaults and values as timm's loss.
     k is read from the shapes (prediction rows / target rows), so targets repeated to k*B rows,
     as timm's AugMix collate makes them, read as k = 1: plain cross-entropy on all k*B rows and
-    no consistency term. Pass the B clean targets.
+    no consistency term. Pass the B clean targets. Training on one split (the predictions require
+    grad) with `num_splits` > 1 warns once per loss object; `num_splits=1` says one split is meant.
 
     Dense predictions (segmentation) [k*B, C, *spatial], class axis 1 as in `F.cross_entropy`, take
     class indices [B, *spatial]: the same loss for every pixel, i.e. timm's loss applied to the
@@ -180,9 +200,13 @@ class JsdCrossEntropy(nn.Module):
     Reductions: 'mean' averages over the counted pixels of the batch (as `F.cross_entropy`), 'sum'
     sums over them, 'none' gives one value per clean image (the mean over its counted pixels, what
     fastai's `get_preds(with_loss=True)` and MixUp expect). A batch with no counted pixel gives 0.
+    The loss is float32 whatever the logits' dtype (computed in float64 for float64 logits), as fastai's
+    losses are; a logit of -inf (a masked class) adds nothing to the JSD, as in timm.
     """
     y_int = True  # MixUp/CutMix lerp the losses of two integer targets instead of the targets
-    consumes_splits = True  # AugMixCallback: pass k*B predictions with B targets, do not repeat targets
+    # The protocol AugMixCallback reads: True = give me k*B predictions with the B clean targets. A function
+    # that wraps this loss (adding a regulariser, say) sets it too; without it the callback repeats the targets.
+    consumes_splits = True
 
     def __init__(self, num_splits: int | None = 3, alpha: float = 12, smoothing: float | None = 0.1,
                  reduction: str = "mean", ignore_index: int = -100):
@@ -217,16 +241,20 @@ class JsdCrossEntropy(nn.Module):
         self.reduction = reduction
         self.last_cross_entropy: Tensor | None = None
         self.last_consistency: Tensor | None = None
+        self._warned_one_split = False
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         "The loss of `pred` [k*B, C, *spatial] logits against `target` [B, *spatial] or [B, C], reduced by `self.reduction`."
         check_reduction(self.reduction)
         k = split_count(pred, target, self.num_splits)
+        if k == 1 and pred.requires_grad and torch.is_grad_enabled():
+            self._warn_one_split_in_training()
         n_images = target.shape[0]
         counted = None
         if not target.is_floating_point():
-            counted = target != self.ignore_index
-            target = torch.where(counted, target.long(), 0)  # any valid class: those entries are masked below
+            counted = counted_targets(target, self.ignore_index)
+            # any valid class where the target is ignored: those entries are masked below
+            target = target.long() if counted is None else torch.where(counted, target.long(), 0)
         # class axis 1 for rows [B, C] and dense [B, C, *spatial] alike
         cross_entropy = _masked(smoothed_cross_entropy(pred[:n_images], target, self.smoothing, class_dim=1), counted)
         per_pixel = cross_entropy
@@ -238,13 +266,35 @@ class JsdCrossEntropy(nn.Module):
             per_pixel = cross_entropy + weighted_jsd
             consistency = _counted_mean(weighted_jsd.detach(), counted)
         # Kept as tensors: reading them with .item() every batch would sync the GPU.
-        self.last_cross_entropy = _counted_mean(cross_entropy.detach(), counted)
-        self.last_consistency = consistency
+        self.last_cross_entropy = _counted_mean(cross_entropy.detach(), counted).float()
+        self.last_consistency = consistency.float()
         if self.reduction == "mean":
-            return _counted_mean(per_pixel, counted)
-        if self.reduction == "sum":
-            return per_pixel.sum()
-        return _per_image(per_pixel, counted)
+            loss = _counted_mean(per_pixel, counted)
+        elif self.reduction == "sum":
+            loss = per_pixel.sum()
+        else:
+            loss = _per_image(per_pixel, counted)
+        # float32 whatever the logits, like fastai's losses (its BaseLoss casts float64 predictions; its Recorder
+        # needs float32). Cast last, so float64 logits still get float64 gradients (the cast's gradient is exact).
+        return loss.float()
+
+    def _warn_one_split_in_training(self) -> None:
+        """Warn once per loss object when it trains on one split although it was built for `num_splits` > 1.
+
+        One split while training (autograd records the predictions) is label-smoothed cross-entropy without the
+        consistency term: the splits were never stacked, or were stacked with targets repeated to match.
+        Validation and inference run without grad, so they never warn.
+        """
+        if self.num_splits in (None, 1) or getattr(self, "_warned_one_split", False):
+            return
+        self._warned_one_split = True
+        warnings.warn(
+            f"JsdCrossEntropy(num_splits={self.num_splits}) is training on one split (as many predictions as "
+            f"targets), so it is label-smoothed cross-entropy alone, with no Jensen-Shannon consistency term. The "
+            f"term needs the predictions of the clean images and of their augmented views stacked, with the clean "
+            f"targets only: in fastai add cbs=AugMixCallback() to the Learner, and if the loss is wrapped in another "
+            f"function, set `consumes_splits = True` on the wrapper (else the callback repeats the targets). If one "
+            f"split is what you mean, pass num_splits=1. (Shown once per loss object.)", stacklevel=2)
 
     @staticmethod
     def _class_dim(x: Tensor) -> int:
@@ -271,6 +321,7 @@ class JsdCrossEntropy(nn.Module):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        # Learners exported before ignore_index existed unpickle with torch's default.
+        # Learners exported before ignore_index (or the one-split warning) existed unpickle with the defaults.
         state.setdefault("ignore_index", -100)
+        state.setdefault("_warned_one_split", False)
         super().__setstate__(state)

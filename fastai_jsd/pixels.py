@@ -6,6 +6,8 @@ empty list means the batch already is pixels. The arithmetic is fastai's own (`N
 `x * std + mean`, `encodes` is `(x - mean) / std`), so a round trip here gives fastai's values exactly.
 fastai is imported only where a DataLoader is searched: the kernels and `corrupt` never pay its import.
 """
+import math
+
 import torch
 
 from fastai_jsd._device import move
@@ -66,6 +68,33 @@ def check_image_batch(xb):
         raise ValueError(f"AugMixCallback needs image batches (one float tensor [B, C, H, W], C = 1 or 3); "
                          f"got {_describe(xb)}. Use it with an image DataLoaders (ImageBlock) or remove the callback.")
     return images
+
+
+def pixel_range_problem(pixels, tolerance=0.01):
+    """What keeps float `pixels` from being pixels in [0, 1] ('NaN values' or their range), or None when nothing does.
+
+    `tolerance` as AugMix's own input check: interpolation may overshoot [0, 1] a little. Reads two numbers
+    back, so on a GPU the host waits for it: callers decide how often to pay that.
+    """
+    if pixels.numel() == 0:
+        return None
+    low, high = (value.item() for value in torch.aminmax(pixels.detach()))  # NaN propagates to both
+    if math.isnan(low) or math.isnan(high):
+        return "NaN values"
+    if not (low >= -tolerance and high <= 1 + tolerance):
+        return f"values in [{low:.3g}, {high:.3g}]"
+    return None
+
+
+def erases_with_noise(dl):
+    """Whether `dl.after_batch` holds fastai's `RandomErasing`, which fills its rectangles with N(0, 1) noise.
+
+    It runs after `Normalize` (order 100), so the noise is in normalized units, and decoded with the
+    statistics those pixels fall outside [0, 1] (in pixel space, without Normalize, just the same).
+    """
+    from fastai.vision.augment import RandomErasing  # here: importing this module must not import fastai
+    pipeline = getattr(dl, 'after_batch', None)
+    return any(isinstance(tfm, RandomErasing) for tfm in getattr(pipeline, 'fs', None) or ())
 
 
 def _describe(xb):

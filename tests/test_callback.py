@@ -1,11 +1,14 @@
 """AugMixCallback with real fastai Learners on small real images (crops of scikit-learn's photos)."""
 import pickle
+import re
+import warnings
 
 import fastai.vision.all  # noqa: F401  (registers the Learner methods users get: lr_find, tta, to_fp16, ...)
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.mixup import CutMix, MixUp
 from fastai.callback.training import GradientAccumulation
@@ -97,6 +100,7 @@ class Probe(Callback):
 class RowsLoss:
     """A plain (non-split) loss that records how many prediction and target rows it gets."""
     y_int = True
+    consumes_splits = False  # says that it means to train on every split (else AugMixCallback warns)
 
     def __init__(self):
         self.rows, self.reduction = [], 'mean'
@@ -191,11 +195,11 @@ def test_training_table_shows_loss_parts(dls):
     learn = make_learner(dls)
     learn.fit(2, 1e-3)
     names = list(learn.recorder.metric_names)
-    assert names[:4] == ['epoch', 'train_loss', 'train_ce', 'train_jsd']
-    assert 'valid_loss' in names and 'accuracy' in names
+    # at the end of the row (issue 19, item 6): fastai's own columns keep their places
+    assert names == ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'train_ce', 'train_jsd', 'time']
     for row in learn.recorder.values:
         assert len(row) == len(names) - 2  # no epoch, no time
-        ce_part, jsd_part = row[1], row[2]
+        ce_part, jsd_part = row[3], row[4]
         assert ce_part > 0 and jsd_part >= 0
     # validation is plain cross-entropy: the loss parts do not leak into it
     assert learn.loss_func.last_consistency == 0
@@ -213,7 +217,7 @@ def test_loss_parts_sum_to_the_epoch_mean_loss_and_train_loss_is_the_smoothed_on
     record = BatchLosses()
     learn = tiny_learner(dls, cbs=[AugMixCallback(), record])
     quiet_fit(learn, 1, 1e-2)
-    train_loss, train_ce, train_jsd = learn.recorder.values[-1][:3]
+    (train_loss, *_), (train_ce, train_jsd) = learn.recorder.values[-1], learn.recorder.values[-1][-2:]
     epoch_mean = np.average(record.losses, weights=record.sizes)
     assert train_ce + train_jsd == pytest.approx(epoch_mean, rel=1e-5)
     # fastai's smoothed loss: beta 0.98, debiased, over this epoch's batches
@@ -231,8 +235,9 @@ def test_train_metrics_stay_aligned(dls):
     learn.recorder.train_metrics = True
     learn.fit(1, 1e-3)
     names = list(learn.recorder.metric_names)
-    assert names[1:4] == ['train_loss', 'train_ce', 'train_jsd']
-    assert 'train_accuracy' in names and len(learn.recorder.values[-1]) == len(names) - 2
+    assert names == ['epoch', 'train_loss', 'train_accuracy', 'valid_loss', 'valid_accuracy', 'train_ce', 'train_jsd',
+                     'time']
+    assert len(learn.recorder.values[-1]) == len(names) - 2
     assert Recorder.order < LossPartsRecorder.order
 
 
@@ -470,25 +475,70 @@ def test_a_fit_ended_before_after_loss_exports_no_batch(dls, tmp_path, fault):
     assert np.isfinite(learn.recorder.values[-1]).all()
 
 
-def test_one_callback_shared_by_two_learners_trains_each_learner_it_fits(dls):
+@pytest.mark.filterwarnings('ignore:JsdCrossEntropy.*one split:UserWarning')  # a Learner trains without it
+def test_one_callback_belongs_to_one_learner(dls):
+    """Adding an AugMixCallback that another live Learner holds is refused at once (issue 19: shared, it leaked one
+    Learner into the other's export); after remove_cb it may go elsewhere, and fit(cbs=...) lends it for one fit."""
     shared = AugMixCallback()
     probes = [Probe(), Probe()]
     first = tiny_learner(dls, cbs=[shared, probes[0]])
-    second = tiny_learner(dls, cbs=[shared, probes[1]])  # both built before either fits
-    for learn, probe in ((first, probes[0]), (second, probes[1]), (first, probes[0])):
-        quiet_fit(learn, 1, 1e-3)
-        assert shared.learn is learn
-        assert set(probe.model_rows) == {3 * BS} and set(probe.after_loss_rows) == {(BS, BS, BS)}
-        names = list(learn.recorder.metric_names)
-        assert names[1:4] == ['train_loss', 'train_ce', 'train_jsd']
-        assert len(learn.recorder.values[-1]) == len(names) - 2
-    assert list(second.recorder.metric_names)[1:4] == ['train_loss', 'train_ce', 'train_jsd']
+    with pytest.raises(ValueError, match=r'give each Learner its own AugMixCallback\(\)'):
+        tiny_learner(dls, cbs=[shared, probes[1]])
+    second = tiny_learner(dls, cbs=[probes[1]])
+    kinds = sorted(type(cb).__name__ for cb in second.cbs)
+    for add in (lambda: second.add_cb(shared), lambda: quiet_fit(second, 1, 1e-3, cbs=shared)):
+        with pytest.raises(ValueError, match='give each Learner its own'):
+            add()
+        assert shared.learn is first and first.aug_mix is shared
+        assert sorted(type(cb).__name__ for cb in second.cbs) == kinds  # nothing half-added
+    quiet_fit(first, 1, 1e-3)  # the owner trains as before
+    assert set(probes[0].model_rows) == {3 * BS} and list(first.recorder.metric_names)[-3:-1] == ['train_ce',
+                                                                                                   'train_jsd']
     first.remove_cb(shared)
-    quiet_fit(first, 1, 1e-3)  # no AugMix any more: plain rows, no loss-parts columns
-    assert set(probes[0].model_rows) == {BS} and 'train_ce' not in first.recorder.metric_names
-    assert not any(isinstance(cb, LossPartsRecorder) for cb in first.cbs)
-    quiet_fit(second, 1, 1e-3)  # the other Learner keeps it
-    assert set(probes[1].model_rows) == {3 * BS} and 'train_ce' in second.recorder.metric_names
+    assert shared.learn is None and not any(isinstance(cb, LossPartsRecorder) for cb in first.cbs)
+    second.add_cb(shared)  # removed, it can move
+    for learn, probe, rows in ((second, probes[1], 3 * BS), (first, probes[0], BS)):
+        quiet_fit(learn, 1, 1e-3)
+        assert set(probe.model_rows) == {rows}
+        assert ('train_ce' in learn.recorder.metric_names) == (rows == 3 * BS)
+    second.remove_cb(shared)
+    for learn in (first, second):  # lent for one fit at a time, to either
+        quiet_fit(learn, 1, 1e-3, cbs=shared)
+        assert shared.learn is None and 'train_ce' in learn.recorder.metric_names
+        assert not any(isinstance(cb, (AugMixCallback, LossPartsRecorder)) for cb in learn.cbs)
+
+
+def test_a_refused_learner_is_neither_exported_nor_kept_alive_by_the_owners_callback(dls, tmp_path):
+    """What sharing did (issue 19, item 1): the owner's export carried the other Learner, whose model stayed alive."""
+    import gc
+    import weakref
+    cb = AugMixCallback()
+    owner = tiny_learner(dls, cbs=[cb], path=tmp_path)
+    big_model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.Conv2d(64, 64, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(64, 2))  # 150 KB of weights
+    with pytest.raises(ValueError, match='give each Learner its own'):
+        Learner(dls, big_model, loss_func=JsdCrossEntropy(), cbs=cb)
+    big_model = weakref.ref(big_model)
+    gc.collect()
+    assert big_model() is None and cb.learn is owner
+    owner.export('owner.pkl')
+    tiny_learner(dls, path=tmp_path).export('fresh.pkl')
+    assert abs((tmp_path / 'owner.pkl').stat().st_size - (tmp_path / 'fresh.pkl').stat().st_size) < 10_000
+
+
+def test_a_learner_exported_with_0_2_0s_follower_still_loads_and_trains(dls, tmp_path):
+    """fastai_jsd 0.2.0 gave every Learner a FollowFittingLearner(augmix_cb); the name is kept for load_learner."""
+    from fastai_jsd.callback import FollowFittingLearner
+    learn = tiny_learner(dls, path=tmp_path)
+    old = FollowFittingLearner.__new__(FollowFittingLearner)
+    old.__dict__['augmix_cb'] = learn.aug_mix  # its 0.2.0 state
+    learn.add_cb(old)
+    learn.export('old.pkl')
+    loaded = load_learner(tmp_path / 'old.pkl')
+    loaded.dls = dls  # export keeps no data
+    probe = Probe()
+    quiet_fit(loaded, 1, 1e-3, cbs=probe)
+    assert set(probe.model_rows) == {3 * BS}
 
 
 def test_fit_cbs_adds_and_removes_the_callback_with_its_companions(dls):
@@ -531,6 +581,7 @@ def test_one_channel_images(gray_folder):
 @pytest.mark.parametrize('loss_kind', ['jsd', 'plain'])
 def test_mixup_and_cutmix(dls, mix, loss_kind):
     loss = JsdCrossEntropy() if loss_kind == 'jsd' else CrossEntropyLossFlat()
+    loss.consumes_splits = loss_kind == 'jsd'  # a plain loss trained on every split on purpose
     probe = Probe()
     learn = make_learner(dls, loss_func=loss, cbs=[mix(), AugMixCallback(), probe])
     learn.fit(1, 1e-3)
@@ -618,3 +669,247 @@ def test_timm_architecture_by_name(dls):
                            cbs=AugMixCallback(), metrics=accuracy)
     learn.fit_one_cycle(1, 1e-3)
     assert np.isfinite(learn.recorder.values[-1]).all()
+
+
+# ----- issue 19: the results table, MixUp's loss parts, custom augment values, RandomErasing, tuple outputs -----
+
+def test_loss_parts_keep_fastais_columns_for_its_plots_trackers_and_printed_table(dls, tmp_path, capsys, monkeypatch):
+    """ShowGraphCallback plots column 1 of recorder.values as the validation loss, SaveModelCallback finds its
+    column by name, ProgressCallback prints names and rows side by side: all must keep meaning what they mean."""
+    from fastai.callback.progress import CSVLogger, ShowGraphCallback
+    from fastai.callback.tracker import SaveModelCallback
+    from fastprogress.fastprogress import ConsoleMasterBar
+    drawn = []
+    monkeypatch.setattr(ConsoleMasterBar, 'update_graph',
+                        lambda self, graphs, x_bounds=None, y_bounds=None: drawn.append(graphs))
+    learn = tiny_learner(dls, path=tmp_path)
+    # at_end: they track the best epoch by their column but do not load it back, so validate() sees the last model
+    by_accuracy = SaveModelCallback(monitor='accuracy', fname='acc', at_end=True)
+    by_jsd = SaveModelCallback(monitor='train_jsd', comp=np.less, fname='jsd', at_end=True)
+    capsys.readouterr()
+    learn.fit(3, 1e-2, cbs=[ShowGraphCallback(), CSVLogger(), by_accuracy, by_jsd])
+    printed = capsys.readouterr().out.splitlines()
+    names = list(learn.recorder.metric_names)
+    assert names == ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'train_ce', 'train_jsd', 'time']
+    column = {name: i for i, name in enumerate(names[1:-1])}
+    values = np.array(learn.recorder.values)
+    # ShowGraphCallback's validation curve is the validation loss: the last point is what validate() gives now
+    plotted_valid = drawn[-1][1][1]
+    assert plotted_valid == list(values[:, column['valid_loss']])
+    with learn.no_bar(), learn.no_logging():
+        assert plotted_valid[-1] == pytest.approx(learn.validate()[0], rel=1e-5)
+    assert learn.final_record == learn.recorder.values[-1]
+    assert by_accuracy.best == values[:, column['accuracy']].max()
+    assert by_jsd.best == values[:, column['train_jsd']].min()
+    header = next(line for line in printed if line.startswith('epoch'))
+    rows = [line for line in printed if line[:1].isdigit()]
+    assert header.split() == names and len(rows) == 3
+    assert all(len(row.split()) == len(names) for row in rows)
+    logged = learn.csv_logger.read_log() if hasattr(learn, 'csv_logger') else None
+    csv = (tmp_path / 'history.csv').read_text().splitlines()
+    assert csv[0].split(',') == names and all(len(line.split(',')) == len(names) for line in csv[1:])
+    assert logged is None or list(logged.columns) == names
+
+
+@pytest.mark.parametrize('mix', [MixUp, CutMix])
+def test_under_mixup_the_loss_parts_add_up_to_the_loss_trained_on(dls, mix):
+    """MixUp/CutMix lerp two losses image by image; train_ce is that lerp of the two cross-entropies (issue 19,
+    item 7: it was the cross-entropy of one target set, so the parts did not add up to the loss)."""
+    class Reference(Callback):
+        order = AugMixCallback.order - 1  # after MixUp's before_batch, before AugMix puts the clean rows back
+        run_valid = False
+        def before_fit(self): self.losses, self.cross_entropies, self.sizes = [], [], []
+        def after_loss(self):
+            handler = next(cb for cb in self.learn.cbs if isinstance(cb, mix))
+            clean = self.pred[:BS].float()
+            per_image = [F.cross_entropy(clean, y, label_smoothing=0.1, reduction='none')
+                         for y in (handler.yb1[0], self.yb[0])]
+            self.cross_entropies.append(torch.lerp(*per_image, handler.lam).mean().item())
+            self.losses.append(self.learn.loss.item())
+            self.sizes.append(self.yb[0].shape[0])
+    reference = Reference()
+    learn = tiny_learner(dls, cbs=[mix(), AugMixCallback(), reference])
+    quiet_fit(learn, 1, 1e-2)
+    train_ce, train_jsd = learn.recorder.values[-1][-2:]
+    assert train_ce + train_jsd == pytest.approx(np.average(reference.losses, weights=reference.sizes), rel=1e-5)
+    assert train_ce == pytest.approx(np.average(reference.cross_entropies, weights=reference.sizes), rel=1e-5)
+    assert train_jsd > 0
+
+
+@pytest.mark.parametrize('make_view, words', [
+    (lambda pixels: pixels.flip(-1) * 255, ['values in [', '255']),
+    (lambda pixels: pixels.flip(-1) / pixels.flip(-1).sub(pixels.flip(-1)), ['NaN']),
+    (lambda pixels: pixels.flip(-1) * 2 - 0.5, ['values in [-0.5', 'clamp']),
+], ids=['0..255', 'nan', 'overshoot'])
+def test_custom_augment_values_outside_0_1_are_refused_like_uint8(dls, make_view, words):
+    learn = tiny_learner(dls, cbs=AugMixCallback(augment=make_view))
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    with pytest.raises(ValueError, match='augment must return pixels in') as info:
+        quiet_fit(learn, 1, 1e-3)
+    for word in words:
+        assert word in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, learn.model.parameters()))  # refused before a step
+
+
+def test_custom_augment_values_are_read_every_batch_on_the_cpu_and_once_a_fit_elsewhere():
+    cb = AugMixCallback(augment=lambda pixels: pixels)
+    cb._values_checked = False  # as before_fit leaves it
+    assert [cb._read_values(torch.device('cpu')) for _ in range(3)] == [True] * 3
+    cb._values_checked = False
+    assert [cb._read_values(torch.device('meta')) for _ in range(3)] == [True, False, False]
+
+
+def test_fastais_random_erasing_trains_with_views_of_the_erased_images(photo_folder):
+    """RandomErasing writes N(0, 1) noise after Normalize: decoded, some pixels leave [0, 1] and AugMix refused
+    the batch (issue 19, item 10). The views start from the erased images clipped to [0, 1]; the clean block
+    is fastai's erased batch, untouched."""
+    from fastai.vision.augment import RandomErasing
+    data = ImageDataLoaders.from_folder(photo_folder, train='train', valid='valid', item_tfms=Resize(32), bs=BS,
+                                        batch_tfms=[Normalize.from_stats(*imagenet_stats, cuda=False),
+                                                    RandomErasing(p=1., sh=0.5)],
+                                        num_workers=0, device=torch.device('cpu'), seed=0)
+    erased = []
+
+    class Erased(Callback):
+        order = AugMixCallback.order - 1
+        def before_batch(self):
+            if self.training: erased.append(self.xb[0].clone())
+    probe = Probe()
+    learn = tiny_learner(data, cbs=[AugMixCallback(), probe, Erased()])
+    quiet_fit(learn, 1, 1e-3)
+    assert np.isfinite(learn.recorder.values[-1]).all()
+    stats = [(torch.tensor(v).view(1, 3, 1, 1)) for v in imagenet_stats]
+    decoded = erased[0] * stats[1] + stats[0]
+    assert decoded.min() < -0.05 or decoded.max() > 1.05  # the case: erased pixels outside [0, 1]
+    stacked = probe.first_blocks[0]
+    torch.testing.assert_close(stacked[:BS], erased[0])
+    views = stacked[BS:] * stats[1] + stats[0]
+    assert views.min() > -1e-4 and views.max() < 1 + 1e-4
+
+
+def test_models_returning_several_tensors_get_each_cut_to_the_clean_rows(dls):
+    """A model returning (main, auxiliary) logits: after_loss cuts each tensor, not the tuple (issue 19, item 11)."""
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.main, self.aux = nn.Linear(4, 2), nn.Linear(4, 2)
+        def forward(self, x):
+            features = self.body(x)
+            return self.main(features), self.aux(features)
+    main_loss, aux_loss = JsdCrossEntropy(), JsdCrossEntropy()
+
+    def two_head_loss(pred, target):
+        return main_loss(pred[0], target) + 0.4 * aux_loss(pred[1], target)
+    two_head_loss.consumes_splits = True
+
+    def main_accuracy(pred, target):
+        return accuracy(pred[0], target)
+    class Seen(Callback):
+        order = AugMixCallback.order + 1
+        run_valid = False
+        def before_fit(self): self.model_rows, self.pred_rows, self.consistency = set(), set(), []
+        def before_batch(self): self.model_rows.add(self.xb[0].shape[0])
+        def after_loss(self):
+            self.pred_rows.add(tuple(p.shape[0] for p in self.pred))
+            self.consistency.append(float(main_loss.last_consistency) * float(aux_loss.last_consistency))
+    seen = Seen()
+    learn = Learner(dls, TwoHeads(), loss_func=two_head_loss, metrics=main_accuracy, cbs=[AugMixCallback(), seen])
+    learn.recorder.train_metrics = True
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)  # a declared wrapper: nothing to warn about
+        quiet_fit(learn, 1, 1e-3)
+    assert seen.model_rows == {3 * BS} and seen.pred_rows == {(BS, BS)}
+    assert all(c > 0 for c in seen.consistency)  # both heads trained with their JSD term
+    names = list(learn.recorder.metric_names)
+    assert 'train_main_accuracy' in names and np.isfinite(learn.recorder.values[-1]).all()
+
+
+def test_a_float64_model_trains_with_the_callback():
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from torch.utils.data import TensorDataset
+    images = torch.rand(32, 3, 8, 8, dtype=torch.float64)
+    data = TensorDataset(images, (images.mean((1, 2, 3)) > 0.5).long())
+    dls = DataLoaders(DataLoader(data, bs=8, shuffle=True), DataLoader(data, bs=8), device='cpu')
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).double()
+    probe = Probe()
+    learn = Learner(dls, model, loss_func=JsdCrossEntropy(), metrics=accuracy, cbs=[AugMixCallback(), probe])
+    quiet_fit(learn, 1, 1e-3)
+    assert set(probe.model_rows) == {3 * 8} and np.isfinite(learn.recorder.values[-1]).all()
+
+
+@pytest.mark.parametrize('fill, error', [
+    (5, ValueError), (-0.1, ValueError), (float('nan'), ValueError), ('red', TypeError), ([0.1, 0.2], ValueError),
+    ([0.5, 2., 0.5], ValueError), (torch.tensor([0.1, 0.2]), ValueError), (torch.tensor([300.]), ValueError),
+    (True, TypeError),
+])
+def test_a_bad_fill_is_refused_by_the_constructor(fill, error):
+    with pytest.raises(error, match='fill'):
+        AugMixCallback(fill=fill)
+
+
+@pytest.mark.parametrize('fill', [None, 0, 0.5, 1., [0.1, 0.2, 0.3], (0.4,), torch.tensor([0.5, 0.5, 0.5])])
+def test_good_fills_construct(fill):
+    AugMixCallback(fill=fill)
+
+
+# ----- issue 21, item 1: a loss that never sees the splits is said so, once -----
+
+REPEATED_WARNING = r'AugMixCallback: the loss \((?P<name>.*)\) does not say.*consumes_splits'
+
+
+def test_a_plain_loss_is_warned_about_once_at_its_first_training_and_can_say_it_means_it(dls):
+    loss = CrossEntropyLossFlat()
+    learn = tiny_learner(dls, loss_func=loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)
+        with learn.no_bar(), learn.no_logging():
+            learn.validate()  # validation only: nothing trains
+            learn.get_preds()
+    with pytest.warns(UserWarning, match=REPEATED_WARNING.replace('(?P<name>.*)', 'CrossEntropyLossFlat')) as record:
+        quiet_fit(learn, 1, 1e-3)
+        quiet_fit(learn, 1, 1e-3)
+    assert sum('AugMixCallback: the loss' in str(w.message) for w in record) == 1
+    meant = CrossEntropyLossFlat()
+    meant.consumes_splits = False  # the documented way to say: train on every split
+    probe = Probe()
+    for learn in (tiny_learner(dls, loss_func=meant, cbs=[AugMixCallback(), probe]),
+                  tiny_learner(dls, loss_func=CrossEntropyLossFlat(), cbs=AugMixCallback(num_splits=1))):
+        with warnings.catch_warnings():
+            warnings.simplefilter('error', UserWarning)
+            quiet_fit(learn, 1, 1e-3)
+    assert set(probe.model_rows) == {3 * BS}
+
+
+def test_a_wrapped_jsd_loss_that_does_not_say_so_is_warned_about_and_one_that_does_trains_with_jsd(dls):
+    """Issue 19, item 5: a function around JsdCrossEntropy got repeated targets, so its JSD term was exactly 0."""
+    import fastai.callback.schedule  # noqa: F401  (lr_find)
+    jsd = JsdCrossEntropy()
+    weights = []
+
+    class TrainingJsd(Callback):
+        run_valid = False
+        def before_fit(self): self.terms = []
+        def after_loss(self): self.terms.append(float(jsd.last_consistency))
+    undeclared = lambda pred, target: jsd(pred, target) + 1e-4 * sum(w.pow(2).sum() for w in weights)
+    terms = TrainingJsd()
+    learn = tiny_learner(dls, loss_func=undeclared, cbs=[AugMixCallback(), terms])
+    weights[:] = list(learn.model.parameters())
+    with pytest.warns(UserWarning) as record, learn.no_bar(), learn.no_logging():
+        learn.lr_find(num_it=8, show_plot=False)  # lr_find is a fit
+        learn.fit(1, 1e-3)
+    messages = [str(w.message) for w in record]
+    assert sum(bool(re.search(REPEATED_WARNING.replace('(?P<name>.*)', '<lambda>'), m)) for m in messages) == 1
+    assert sum('JsdCrossEntropy(num_splits=3) is training on one split' in m for m in messages) == 1
+    assert terms.terms and all(term == 0 for term in terms.terms)  # what the warnings are about
+
+    declared = lambda pred, target: jsd(pred, target) + 1e-4 * sum(w.pow(2).sum() for w in weights)
+    declared.consumes_splits = True
+    probe = Probe()
+    learn = tiny_learner(dls, loss_func=declared, cbs=[AugMixCallback(), probe, terms])
+    weights[:] = list(learn.model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)
+        quiet_fit(learn, 1, 1e-3)
+    assert set(probe.model_rows) == {3 * BS} and all(term > 0 for term in terms.terms)

@@ -5,7 +5,8 @@ from fastai.data.transforms import IntToFloatTensor, Normalize
 from fastai.torch_core import TensorImage
 
 from fastai_jsd.data import fashion_dls
-from fastai_jsd.pixels import channel_stats, decode, encode, encode_, find_normalize, normalize_stats
+from fastai_jsd.pixels import (channel_stats, decode, encode, encode_, erases_with_noise, find_normalize,
+                               normalize_stats, pixel_range_problem)
 
 
 @pytest.fixture(scope='module')
@@ -72,3 +73,25 @@ def test_normalize_without_statistics_is_refused(dl):
         normalize_stats(loader, 'cpu')
     with pytest.raises(ValueError, match='no statistics'):
         channel_stats(Normalize(), 'cpu')
+
+
+def test_pixel_range_problem_names_what_is_not_a_pixel_in_0_1():
+    pixels = torch.rand(2, 3, 4, 4)
+    assert pixel_range_problem(pixels) is None
+    assert pixel_range_problem(pixels * 1.005) is None  # interpolation overshoot, as AugMix's own input check
+    assert pixel_range_problem(torch.empty(0, 3, 4, 4)) is None
+    assert pixel_range_problem(pixels * 255).startswith('values in [')
+    assert pixel_range_problem(pixels - 0.5).startswith('values in [-0.')
+    assert pixel_range_problem(pixels.index_fill(0, torch.tensor([1]), float('inf'))) == 'values in [' + \
+        f"{float(pixels[0].min()):.3g}, inf]"
+    with_nan = pixels.clone()
+    with_nan[1, 2, 3, 3] = float('nan')
+    assert pixel_range_problem(with_nan) == 'NaN values'
+    assert pixel_range_problem(pixels.requires_grad_()) is None  # no autograd needed to read values
+
+
+def test_random_erasing_is_found_in_the_batch_transforms(dl):
+    from fastai.vision.augment import RandomErasing
+    assert not erases_with_noise(dl) and not erases_with_noise(None)
+    erasing = dl.new(after_batch=list(dl.after_batch.fs) + [RandomErasing()])
+    assert erases_with_noise(erasing)
