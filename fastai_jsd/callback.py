@@ -23,9 +23,8 @@ from fastai.learner import Recorder
 from fastai.torch_core import TensorMask, find_bs, num_distrib, rank_distrib, retain_type
 from fastai.vision.core import TensorBBox, TensorPoint
 
-import fastai_jsd.augment
 from fastai_jsd._device import move
-from fastai_jsd.augment import BACKENDS, augmix, check_augmix_args
+from fastai_jsd.augment import BACKENDS, augmix, check_augmix_args, check_fill as check_augmix_fill
 from fastai_jsd.pixels import (check_image_batch, decode, encode, encode_, erases_with_noise, normalize_stats,
                                pixel_range_problem)
 
@@ -38,10 +37,8 @@ def check_fill(fill):
     The rule is `fastai_jsd.augment`'s (a finite number in [0, 1], or one per channel, as a sequence or a
     tensor); the channel count is not known before the first batch, so 1 or 3 values are accepted here.
     """
-    if fill is None:
-        return
-    device = fill.device if isinstance(fill, torch.Tensor) else 'cpu'
-    fastai_jsd.augment.geometry.fill_colour(fill, 3, device, torch.float32)
+    if fill is not None:
+        check_augmix_fill(fill)
 
 
 def check_augment_output(out, pixels, read_values=True):

@@ -14,7 +14,14 @@ from fastai_jsd.augment.sampling import (NO_OP, OP_NAMES, OPS, PAPER_OP_COUNT, A
                                          check_augmix_args, check_param_values, check_params, op_set, sample_augmix)
 
 __all__ = ['augmix', 'apply_augmix', 'sample_augmix', 'AugMixParams', 'BACKENDS', 'resolve_backend', 'op_set',
-           'check_augmix_args', 'check_value_range', 'OP_NAMES', 'OPS', 'NO_OP', 'PAPER_OP_COUNT']
+           'check_augmix_args', 'check_fill', 'check_value_range', 'OP_NAMES', 'OPS', 'NO_OP', 'PAPER_OP_COUNT']
+
+
+def check_fill(fill, channels=3):
+    """TypeError/ValueError unless `fill` is a colour AugMix can fill with: a finite number in [0, 1], or 1 or
+    `channels` of them (a sequence or a tensor). The same rule `augmix` applies, for checks made before any batch."""
+    device = fill.device if isinstance(fill, torch.Tensor) else 'cpu'
+    geometry.fill_colour(fill, channels, device, torch.float32)
 
 
 def check_value_range(x, name='x'):
