@@ -1,5 +1,5 @@
 """Filters and signal helpers the corruptions are built from, with the border conventions of
-scipy.ndimage, cv2, ImageMagick and PIL that make_cifar_c.py relies on.
+scipy.ndimage, cv2, ImageMagick and PIL that the generator scripts (make_cifar_c.py and its siblings) rely on.
 
 Separable blurs are one matmul with a band matrix per axis, zooms one `grid_sample`. 2-D and motion-blur
 kernels are grouped convolutions and per-tap gathers on the CPU while those are cheaper (small images and
@@ -47,6 +47,13 @@ def _randn(shape, generator, like):
     if generator is None:
         return torch.randn(shape, dtype=like.dtype, device=like.device)
     return move(torch.randn(shape, generator=generator, dtype=like.dtype, device=generator.device), like.device)
+
+
+def _randint(low, high, shape, generator, like):
+    """Integers uniform in [low, high) of `shape` (int64) on `like`'s device."""
+    if generator is None:
+        return torch.randint(low, high, shape, device=like.device)
+    return move(torch.randint(low, high, shape, generator=generator, device=generator.device), like.device)
 
 
 def _poisson(rates, generator):
@@ -195,15 +202,15 @@ def _clipped_zoom(x, zoom):
 
 
 def _zoom_axis(size, zoom):
-    """Where `_clipped_zoom` samples along one axis, in grid_sample's align_corners=True coordinates."""
+    """Where `_clipped_zoom` samples along one axis (zoom >= 1), in grid_sample's align_corners=True coordinates."""
+    if zoom < 1:
+        raise ValueError(f"_clipped_zoom needs a zoom of at least 1, got {zoom}")
     crop = math.ceil(size / zoom)
     zoomed = int(round(crop * zoom))
     trim = (zoomed - size) // 2
-    # The pixels the script's crop slice takes: below 32 px, snow's zoom * scale can drop under 1,
-    # and a crop larger than the image is then cut to it.
-    taken = range(size)[(size - crop) // 2:(size - crop) // 2 + crop]
-    step = (len(taken) - 1) / (zoomed - 1) if zoomed > 1 else 0.0
-    source = taken.start + (torch.arange(size, dtype=torch.float64) + trim) * step
+    start = (size - crop) // 2  # the script's crop slice
+    step = (crop - 1) / (zoomed - 1) if zoomed > 1 else 0.0
+    source = start + (torch.arange(size, dtype=torch.float64) + trim) * step
     return source * (2 / (size - 1)) - 1
 
 
@@ -280,31 +287,126 @@ def _tap_offsets(degrees, positions, device):
     return offset_x, offset_y
 
 
-def _plasma_fractal(batch, size, decay, generator, like):
-    """The script's diamond-square `plasma_fractal`, one map per image: [B, size, size] in [0, 1]."""
-    maps = torch.zeros(batch, size, size, dtype=like.dtype, device=like.device)
-    step, wibble = size, 100.0
+def _plasma_fractal(batch, height, width, decay, generator, like):
+    """The script's diamond-square `plasma_fractal`, one map per image, cropped to [B, height, width] in [0, 1].
 
-    def wibbled_mean(total):
-        # The script draws wibble * U(-wibble, wibble); kept, since it sets how fast detail fades.
-        return total / 4 + wibble * wibble * (2 * _rand(total.shape, generator, like) - 1)
+    The map is the script's: a square of side `mapsize` = the power of two covering the image (32, 64 and
+    256 for the three benchmarks' 32, 64 and 224 px), cropped to the image's top-left corner. Where the map
+    has at most 4 x H x W cells it is computed whole and normalised over the whole map, as the script does;
+    for elongated images (say 8 x 4096, whose map has 4096^2 cells) only the cells that the image's
+    corner depends on are computed, and normalised over the image: memory grows with H x W, not max(H, W)^2.
+    """
+    mapsize = 1 << max(1, math.ceil(math.log2(max(height, width))))
+    whole = mapsize * mapsize <= 4 * height * width
+    rows, cols = (mapsize, mapsize) if whole else (height, width)
 
-    while step >= 2:
-        half = step // 2
-        corners = maps[:, 0::step, 0::step]
-        square = corners + corners.roll(-1, dims=1)
-        square = square + square.roll(-1, dims=2)
-        maps[:, half::step, half::step] = wibbled_mean(square)
-        centres = maps[:, half::step, half::step]
-        corners = maps[:, 0::step, 0::step]
-        left_right = centres + centres.roll(1, dims=1) + corners + corners.roll(-1, dims=2)
-        maps[:, 0::step, half::step] = wibbled_mean(left_right)
-        top_bottom = centres + centres.roll(1, dims=2) + corners + corners.roll(-1, dims=1)
-        maps[:, half::step, 0::step] = wibbled_mean(top_bottom)
-        step //= 2
-        wibble /= decay
+    def draw(shape, level, row_index, col_index):
+        return 2 * _rand(shape, generator, like) - 1
+
+    maps = _plasma_window(batch, rows, cols, mapsize, decay, draw, like)
     maps = maps - maps.amin((1, 2), keepdim=True)
-    return maps / maps.amax((1, 2), keepdim=True)
+    maps = maps / maps.amax((1, 2), keepdim=True)
+    return maps[:, :height, :width]
+
+
+def _plasma_window(batch, rows, cols, mapsize, decay, draw, like):
+    """Cells [0, rows) x [0, cols) of the script's diamond-square map (not normalised): [B, rows, cols].
+
+    The map is a torus (the script's np.roll). Each level halves the grid spacing: squares (the centres of
+    the grid's cells) average their four corners, diamonds (edge midpoints) their two squares and two
+    corners, each plus wibble * U(-wibble, wibble); wibble starts at 100 and is divided by `decay` per level.
+    Every level computes only the torus window (per axis) that the finer levels need, found backwards from
+    the requested cells; the noise comes from `draw(shape, row_index, col_index)` (U(-1, 1) values for the
+    `level` at the fine grid's torus indices given: tests replace the random draw by a function of them).
+    """
+    levels = int(math.log2(mapsize))
+    row_windows = _plasma_windows(rows, mapsize, levels)
+    col_windows = _plasma_windows(cols, mapsize, levels)
+    device = like.device
+    corners = torch.zeros(batch, 1, 1, dtype=like.dtype, device=device)  # the one corner at spacing mapsize
+    wibble = 100.0
+    for level in range(levels):
+        period = 1 << level  # grid points per axis before this level
+        (corner_r, half_r, fine_r), (corner_c, half_c, fine_c) = row_windows[level], col_windows[level]
+        index_r = _plasma_indices(corner_r, half_r, fine_r, period, device)
+        index_c = _plasma_indices(corner_c, half_c, fine_c, period, device)
+        # Squares on the half-point window: the mean of their four corners.
+        (r0, r1), (c0, c1) = index_r['square_corners'], index_c['square_corners']
+        top, bottom = corners.index_select(1, r0), corners.index_select(1, r1)
+        total = (top.index_select(2, c0) + bottom.index_select(2, c0) + top.index_select(2, c1)
+                 + bottom.index_select(2, c1))
+        squares = total / 4 + wibble * wibble * draw(total.shape, level, 2 * index_r['half'] + 1,
+                                                      2 * index_c['half'] + 1)
+        fine = _plasma_fine(corners, squares, index_r, index_c)
+        noise = draw(fine['shape'], level, index_r['fine'], index_c['fine'])
+        diamonds = fine['diamond_sum'] / 4 + wibble * wibble * noise
+        corners = torch.where(fine['is_corner'], fine['corner'],
+                              torch.where(fine['is_square'], fine['square'], diamonds))
+        wibble /= decay
+    return corners
+
+
+def _plasma_windows(size, mapsize, levels):
+    """Per level (coarse to fine), the torus windows (start, length) of the corners it reads, the squares it
+    makes and the fine grid it leaves, so that the finest grid covers [0, size); a window as long as the
+    torus is the whole torus."""
+    windows = []
+    fine = (0, size)
+    for level in reversed(range(levels)):
+        period = 1 << level
+        start, length = fine
+        first = -(-start // 2) - 1  # ceil(start / 2) - 1: the square left of an even fine index
+        last = (start + length - 1) // 2
+        half = (first, last - first + 1) if last - first + 1 < period else (0, period)
+        corner = (first, last - first + 2) if last - first + 2 < period else (0, period)
+        windows.append((corner, half, fine))
+        fine = corner
+    return windows[::-1]
+
+
+def _plasma_indices(corner, half, fine, period, device):
+    """Index tensors along one axis for one level: positions in the corner and square windows of the
+    corners and squares each fine index reads, with the fine indices' parities."""
+    def position(index, window):
+        start, length = window
+        return torch.remainder(index - start, period).clamp_(max=length - 1)
+
+    half_index = torch.remainder(torch.arange(half[1]) + half[0], period)
+    fine_index = torch.arange(fine[1]) + fine[0]  # torus indices at the fine spacing (period 2 * period)
+    floor_half, ceil_half = torch.div(fine_index, 2, rounding_mode='floor'), -torch.div(-fine_index, 2,
+                                                                                         rounding_mode='floor')
+    indices = {
+        'square_corners': (position(half_index, corner), position(half_index + 1, corner)),
+        'half': half_index,
+        'fine': torch.remainder(fine_index, 2 * period),
+        'odd': torch.remainder(fine_index, 2) == 1,
+        'corner0': position(floor_half, corner),
+        'corner1': position(floor_half + 1, corner),
+        'half0': position(ceil_half - 1, half),
+        'half1': position(floor_half, half),
+    }
+    return {key: (tuple(move(v, device) for v in value) if isinstance(value, tuple) else move(value, device))
+            for key, value in indices.items()}
+
+
+def _plasma_fine(corners, squares, index_r, index_c):
+    """The fine grid's corners, squares and diamond sums, each computed on every fine cell, and the masks
+    saying which one a cell is."""
+    def pick(values, rows, cols):
+        return values.index_select(1, rows).index_select(2, cols)
+
+    odd_r, odd_c = index_r['odd'][:, None], index_c['odd'][None, :]
+    corner = pick(corners, index_r['corner0'], index_c['corner0'])
+    square = pick(squares, index_r['half0'], index_c['half0'])
+    # Even row, odd column: the squares above and below, the corners left and right.
+    across = (square + pick(squares, index_r['half1'], index_c['half0'])
+              + corner + pick(corners, index_r['corner0'], index_c['corner1']))
+    # Odd row, even column: the squares left and right, the corners above and below.
+    down = (square + pick(squares, index_r['half0'], index_c['half1'])
+            + corner + pick(corners, index_r['corner1'], index_c['corner0']))
+    return dict(shape=corner.shape, corner=corner, square=square,
+                diamond_sum=torch.where(odd_c, across, down),
+                is_corner=~odd_r & ~odd_c, is_square=odd_r & odd_c)
 
 
 def _pil_box_round_trip(size, small):
