@@ -763,6 +763,98 @@ def test_snow_frost_spatter_brighten_or_cover_the_image(crops):
     assert bool(covered.any()) and float((blend[:, 0] - blend[:, 2])[covered].abs().max()) < 1e-5
 
 
+def canny_reference(image, low, high):
+    """cv2.Canny as OpenCV documents and implements it (canny.cpp), in numpy: Sobel 3 x 3 with replicated
+    border, L1 magnitude, non-maximum suppression in four directions (tan 22.5 in 15-bit fixed point), and
+    hysteresis as connected components: candidates 8-connected to a strong pixel."""
+    padded = np.pad(image.astype(np.int64), 1, mode='edge')
+    dx = ndimage.correlate(padded, np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]]))[1:-1, 1:-1]
+    dy = ndimage.correlate(padded, np.array([[-1, -2, -1], [0, 0, 0], [1, 2, 1]]))[1:-1, 1:-1]
+    magnitude = np.abs(dx) + np.abs(dy)
+    around = np.pad(magnitude, 1)
+    height, width = image.shape
+    candidate = np.zeros_like(image, dtype=bool)
+    tg22 = int(0.4142135623730950488016887242097 * (1 << 15) + 0.5)
+    for i in range(height):
+        for j in range(width):
+            m = magnitude[i, j]
+            if m <= low:
+                continue
+            x, y = abs(dx[i, j]), abs(dy[i, j]) << 15
+            r, c = i + 1, j + 1
+            if y < x * tg22:
+                keep = m > around[r, c - 1] and m >= around[r, c + 1]
+            elif y > x * tg22 + (x << 16):
+                keep = m > around[r - 1, c] and m >= around[r + 1, c]
+            else:
+                s = -1 if (dx[i, j] < 0) != (dy[i, j] < 0) else 1
+                keep = m > around[r - 1, c - s] and m > around[r + 1, c + s]
+            candidate[i, j] = keep
+    labels, _ = ndimage.label(candidate, structure=np.ones((3, 3)))
+    strong = np.unique(labels[candidate & (magnitude > high)])
+    return np.isin(labels, strong[strong > 0])
+
+
+def liquid_levels(size, blur, threshold, seed):
+    """The water spatter's liquid layer as the script makes it, as uint8 levels."""
+    rng = np.random.default_rng(seed)
+    liquid = ndimage.gaussian_filter(rng.normal(0.65, 0.3, (size, size)), blur, mode='nearest', truncate=4.0)
+    liquid[liquid < threshold] = 0
+    return np.uint8(np.clip(liquid, 0, 1) * 255)
+
+
+@pytest.mark.parametrize('size, blur', [(32, 0.7), (48, 1.0), (64, 2.0)])
+def test_canny_is_cv2s(size, blur):
+    levels = np.stack([liquid_levels(size, blur, 0.68, seed) for seed in range(3)])
+    ours = filters._canny(torch.from_numpy(levels)[:, None].float(), 50, 150)[:, 0].numpy()
+    for image, edges in zip(levels, ours):
+        np.testing.assert_array_equal(edges, canny_reference(image, 50, 150))
+
+
+def chamfer_reference(edges, limit):
+    """cv2.distanceTransform(DIST_L2, 5) as the classic two-pass chamfer scan (Borgefors): weights 1, 1.4 and
+    2.1969, the forward pass over the mask's upper half, the backward pass over its lower half."""
+    height, width = edges.shape
+    big = 1e9
+    distance = np.where(edges, 0.0, big)
+    mask = [(dy, dx, {1: 1.0, 2: 1.4, 5: 2.1969}[dy * dy + dx * dx])
+            for dy in range(-2, 3) for dx in range(-2, 3) if dy * dy + dx * dx in (1, 2, 5)]
+    forward = [(dy, dx, w) for dy, dx, w in mask if dy < 0 or (dy == 0 and dx < 0)]
+    backward = [(-dy, -dx, w) for dy, dx, w in forward]
+    for rows, cols, half in ((range(height), range(width), forward),
+                             (range(height - 1, -1, -1), range(width - 1, -1, -1), backward)):
+        for i in rows:
+            for j in cols:
+                for dy, dx, weight in half:
+                    if 0 <= i + dy < height and 0 <= j + dx < width:
+                        distance[i, j] = min(distance[i, j], distance[i + dy, j + dx] + weight)
+    return np.minimum(distance, limit)
+
+
+def test_chamfer_distance_is_cv2s():
+    for seed, size in ((0, 32), (1, 40)):
+        edges = canny_reference(liquid_levels(size, 1.0, 0.68, seed), 50, 150)
+        ours = filters._chamfer_distance(torch.from_numpy(edges)[None, None], 20)[0, 0].numpy()
+        np.testing.assert_allclose(ours, chamfer_reference(edges, 20), atol=1e-5)
+
+
+def test_equalize_hist_is_cv2s():
+    """cv2.equalizeHist's table: 0 for the lowest level present, then round(255 (cdf - its count) / (pixels -
+    its count)); an image of one level stays as it is."""
+    rng = np.random.default_rng(5)
+    images = np.stack([rng.integers(3, 21, (16, 16)), np.full((16, 16), 7)])
+    ours = filters._equalize_hist(torch.from_numpy(images)[:, None].float())[:, 0].numpy()
+    for image, result in zip(images, ours):
+        counts = np.bincount(image.ravel(), minlength=256)
+        lowest = counts[image.min()]
+        if lowest == image.size:
+            expected = image
+        else:
+            table = np.round((np.cumsum(counts) - lowest) * 255 / (image.size - lowest)).clip(0, 255)
+            expected = table[image]
+        np.testing.assert_array_equal(result, expected)
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 def test_bad_corrupt_arguments_raise_value_error(crops):

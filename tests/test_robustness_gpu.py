@@ -92,8 +92,8 @@ def test_gpu_gives_the_cpu_pixels_for_the_same_draws(shape, benchmark):
             cpu = corrupt(x, name, severity, generator('cpu', severity), **options)
             gpu = corrupt(x.cuda(), name, severity, generator('cpu', severity), **options).cpu()
             difference = (gpu - cpu).abs()
-            if name == 'spatter':  # a floor of a blurred distance can flip a level at a few pixels
-                assert float((difference > 1e-4).float().mean()) < 1e-3, (name, severity)
+            if name == 'spatter':  # a floored distance level can flip, and with it equalizeHist's table
+                assert float(difference.mean()) < 5e-4, (name, severity)
             else:
                 atol = 1e-3 if name == 'frost' else 1e-4  # frost: a square root of needles near 0
                 assert float(difference.max()) < atol, (name, severity, float(difference.max()))

@@ -39,9 +39,9 @@ from PIL import Image
 from fastai_jsd._device import move
 from fastai_jsd.augment.checks import image_problem
 from fastai_jsd.robustness.benchmarks import get_benchmark
-from fastai_jsd.robustness.filters import (_band_matrix, _clipped_zoom, _constant, _correlate2d, _directional_blur,
-                                           _edge_distance, _equalize, _erode, _gaussian_blur, _motion_kernel,
-                                           _on_device, _on_host, _pil_box_round_trip, _plasma_fractal,
+from fastai_jsd.robustness.filters import (_band_matrix, _canny, _chamfer_distance, _clipped_zoom, _constant,
+                                           _correlate2d, _directional_blur, _equalize_hist, _gaussian_blur,
+                                           _motion_kernel, _on_device, _on_host, _pil_box_round_trip, _plasma_fractal,
                                            _poisson, _rand, _randint, _randn, _to_gray)
 from fastai_jsd.robustness.shuffle import shuffle_sources
 
@@ -476,11 +476,11 @@ def _cuda_jpeg_codec():
 
 
 def _spatter(x, setting, generator, scale):
-    """Water drops (severities 1-3) or mud (4-5) from thresholded, blurred noise.
+    """Water drops (severities 1-3) or mud (4-5) from thresholded, blurred noise, as the script.
 
-    Mud follows the script. For water the script shades the drops with cv2 (Canny edges, distance
-    transform, histogram equalization, emboss); this uses the drop boundary as the edges and a
-    chamfer distance instead of cv2's, then the same equalize / emboss / 3 x 3 blur chain.
+    Water: the script's cv2 chain on the liquid layer's uint8 levels (`_canny`, `_chamfer_distance`,
+    truncation at 20 px, 3 x 3 box blurs, `_equalize_hist`, the emboss kernel, cv2's rounding and
+    saturation to uint8 between the steps), the drops shaded by it in pale turquoise.
     """
     mean, std, blur, threshold, strength, mud = setting
     batch, _, height, width = x.shape
@@ -492,19 +492,17 @@ def _spatter(x, setting, generator, scale):
         cover = torch.where(cover < 0.8, 0, cover)
         brown = _constant((63 / 255, 42 / 255, 20 / 255), x)
         return (x * (1 - cover) + brown * cover).clamp_(0, 1)
-    drops = liquid > 0
-    limit = 20 * scale
-    distance = _edge_distance(drops & ~_erode(drops), limit)
+    levels = _as_uint8(liquid.clamp(max=1))
     box = torch.full((3, 3), 1 / 9, dtype=torch.float64)
-    distance = _correlate2d(distance, box, 'mirror')
-    # cv2 truncates the blurred distance to uint8. A plateau of equal distances averages to that very
-    # value, which float round-off (of either filter form) can put just below: floor it from 1e-4 above.
-    levels = distance.add_(1e-4).floor_().long().clamp_(0, math.ceil(limit))
-    shade = _equalize(levels, math.ceil(limit) + 1)
+    distance = _chamfer_distance(_canny(levels, 50, 150), 20 * scale)
+    # cv2.blur in float, then .astype(np.uint8); a plateau of equal distances averages to that very value,
+    # which float round-off can put just below: floor it from 1e-4 above.
+    shade = _correlate2d(distance, box, 'mirror').add_(1e-4).floor_().clamp_(0, 255)
+    shade = _equalize_hist(shade)
     emboss = torch.tensor([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], dtype=torch.float64)
-    shade = _correlate2d(shade, emboss, 'mirror').clamp_(0, 1)  # cv2.CV_8U saturates
-    shade = _correlate2d(shade, box, 'mirror').to(x.dtype)
-    wet = liquid * shade
+    shade = _correlate2d(shade, emboss, 'mirror').round_().clamp_(0, 255)  # filter2D to CV_8U
+    shade = _correlate2d(shade, box, 'mirror').round_()  # cv2.blur of uint8 rounds
+    wet = (levels * shade).to(x.dtype)
     wet = wet / wet.amax((2, 3), keepdim=True).clamp_min(1e-12) * strength
     turquoise = _constant((175 / 255, 238 / 255, 238 / 255), x)
     return (x + wet * turquoise).clamp_(0, 1)

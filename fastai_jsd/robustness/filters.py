@@ -432,31 +432,88 @@ def _pil_box_matrix(in_size, out_size):
     return torch.from_numpy(matrix)
 
 
-def _erode(mask):
-    """3 x 3 binary erosion of a bool mask [B, 1, H, W] (outside counts as inside)."""
-    return -F.max_pool2d(-mask.to(torch.float32), 3, stride=1, padding=1) > 0.5
+# cv2.Canny's gradient directions in fixed point: tan(22.5 degrees) * 2^15 (imgproc/src/canny.cpp).
+_CANNY_SHIFT = 15
+_CANNY_TG22 = int(0.4142135623730950488016887242097 * (1 << _CANNY_SHIFT) + 0.5)
 
 
-def _edge_distance(edges, limit):
-    """Chamfer distance (1 straight, sqrt 2 diagonal) to the nearest edge pixel, capped at `limit`."""
-    distance = torch.where(edges, 0.0, float(limit)).to(torch.float32)
+def _canny(levels, low, high, rounds=None):
+    """cv2.Canny(image, low, high) of integer levels [B, 1, H, W] (0..255): a bool edge map.
+
+    As canny.cpp: 3 x 3 Sobel gradients (border replicated), L1 magnitude, non-maximum suppression
+    along the gradient direction quantized to 0, 45, 90, 135 degrees (its fixed-point tests and its
+    tie rules), then hysteresis: candidates (magnitude > low, local maximum) 8-connected to a strong
+    one (magnitude > high) are edges. The hysteresis grows the edges one pixel per round: on the CPU
+    until nothing changes, on a GPU `rounds` times (default 16) without waiting for it.
+    """
+    padded = F.pad(levels.to(torch.float32), (1, 1, 1, 1), mode='replicate')
+    sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=levels.device)
+    dx = F.conv2d(padded, sobel[None, None]).round_().to(torch.int32)  # exact: small integers in float32
+    dy = F.conv2d(padded, sobel.T.contiguous()[None, None]).round_().to(torch.int32)
+    magnitude = dx.abs() + dy.abs()
+    around = F.pad(magnitude, (1, 1, 1, 1))  # zero outside the image, as canny.cpp's magnitude rows
+    height, width = magnitude.shape[-2:]
+
+    def neighbour(row, col):
+        return around[..., 1 + row:1 + row + height, 1 + col:1 + col + width]
+
+    x, y = dx.abs(), dy.abs() << _CANNY_SHIFT
+    tg22x = x * _CANNY_TG22
+    tg67x = tg22x + (x << (_CANNY_SHIFT + 1))
+    horizontal = y < tg22x
+    vertical = ~horizontal & (y > tg67x)
+    same_sign = (dx < 0) == (dy < 0)
+    diagonal_up = torch.where(same_sign, neighbour(-1, -1), neighbour(-1, 1))
+    diagonal_down = torch.where(same_sign, neighbour(1, 1), neighbour(1, -1))
+    local_maximum = torch.where(
+        horizontal, (magnitude > neighbour(0, -1)) & (magnitude >= neighbour(0, 1)),
+        torch.where(vertical, (magnitude > neighbour(-1, 0)) & (magnitude >= neighbour(1, 0)),
+                    (magnitude > diagonal_up) & (magnitude > diagonal_down)))
+    candidate = local_maximum & (magnitude > low)
+    edges = candidate & (magnitude > high)
+    if rounds is None and not _on_host(levels):
+        rounds = 16
+    for _ in range(rounds if rounds is not None else height * width):
+        grown = candidate & (F.max_pool2d(edges.to(torch.float32), 3, stride=1, padding=1) > 0)
+        if rounds is None and torch.equal(grown, edges):
+            break
+        edges = grown
+    return edges
+
+
+# cv2.distanceTransform(DIST_L2, 5)'s chamfer weights: 1 straight, 1.4 diagonal, 2.1969 a knight's move.
+_CHAMFER_5 = tuple((dy, dx, {1: 1.0, 2: 1.4, 5: 2.1969}[dy * dy + dx * dx])
+                   for dy in range(-2, 3) for dx in range(-2, 3) if dy * dy + dx * dx in (1, 2, 5))
+
+
+def _chamfer_distance(edges, limit):
+    """cv2.distanceTransform(non-edges, DIST_L2, 5) truncated at `limit`: the cheapest path to an edge
+    pixel with steps of the 5 x 5 chamfer mask, relaxed ceil(limit) times (every step costs at least 1)."""
+    far = float(limit) + 3
+    distance = torch.where(edges, 0.0, far).to(torch.float32)
+    height, width = distance.shape[-2:]
     for _ in range(math.ceil(limit)):
-        padded = F.pad(distance, (1, 1, 1, 1), value=float(limit))
-        straight = torch.minimum(torch.minimum(padded[..., :-2, 1:-1], padded[..., 2:, 1:-1]),
-                                 torch.minimum(padded[..., 1:-1, :-2], padded[..., 1:-1, 2:]))
-        diagonal = torch.minimum(torch.minimum(padded[..., :-2, :-2], padded[..., :-2, 2:]),
-                                 torch.minimum(padded[..., 2:, :-2], padded[..., 2:, 2:]))
-        distance = torch.minimum(distance, torch.minimum(straight + 1, diagonal + math.sqrt(2)))
+        padded = F.pad(distance, (2, 2, 2, 2), value=far)
+        best = distance
+        for dy, dx, weight in _CHAMFER_5:
+            best = torch.minimum(best, padded[..., 2 + dy:2 + dy + height, 2 + dx:2 + dx + width] + weight)
+        distance = best
     return distance.clamp_(max=limit)
 
 
-def _equalize(levels, bins):
-    """cv2.equalizeHist of integer `levels` [B, 1, H, W] in 0..bins-1, mapped to [0, 1]."""
+def _equalize_hist(levels):
+    """cv2.equalizeHist of integer levels [B, 1, H, W] (0..255): levels 0..255 as float.
+
+    Its lookup table: 0 for the lowest level present, then round(255 * (count up to the level - count of
+    the lowest) / (pixels - count of the lowest)); an image of one level stays as it is.
+    """
     batch = levels.shape[0]
-    flat = levels.reshape(batch, -1)
-    counts = torch.zeros(batch, bins, dtype=torch.float32, device=levels.device)
-    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    flat = levels.reshape(batch, -1).long()
+    counts = torch.zeros(batch, 256, dtype=torch.float64, device=levels.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64))
     cdf = counts.cumsum(1)
-    first = torch.where(counts > 0, cdf, cdf[:, -1:]).amin(1, keepdim=True)
-    lut = ((cdf - first) / (cdf[:, -1:] - first).clamp_min(1)).clamp_(0, 1)
-    return lut.gather(1, flat).view_as(levels)
+    lowest = torch.where(counts > 0, cdf, cdf[:, -1:]).amin(1, keepdim=True)  # the count of the lowest level
+    spread = cdf[:, -1:] - lowest
+    lut = ((cdf - lowest) * 255 / spread.clamp_min(1)).round_().clamp_(0, 255)
+    lut = torch.where(spread > 0, lut, torch.arange(256, dtype=torch.float64, device=levels.device))
+    return lut.gather(1, flat).view_as(levels).to(torch.float32)
