@@ -473,10 +473,11 @@ def evaluate_robustness(learn, dl=None, corruptions=None, severities=(1, 2, 3, 4
     (e.g. `unet_learner` on `SegmentationDataLoaders`): pixel error and mean IoU, pixels labelled
     `ignore_index` left out (default: the loss function's `ignore_index`, else -100). Segmentation uses
     only corruptions that keep image content in place, `SEGMENTATION_CORRUPTIONS` by default: the 15
-    of CIFAR-10-C but `elastic_transform` (a warp) and `zoom_blur` (zooms about the centre, moving
-    content outwards by up to 12.5% of the image size); passing either is a ValueError. `glass_blur`
-    stays: its local pixel shuffles have no direction and move content by about as much as the
-    Gaussian blurs around them; `motion_blur` stays: the sharpest copy is the unmoved one, the others
+    corruptions but `elastic_transform` (a warp) and `zoom_blur` (zooms about the centre, moving
+    content outwards by up to 12.5% of the image size, 15% for ImageNet-C); passing either is a
+    ValueError. `glass_blur` stays: its local pixel copies (the scripts' loop copies from up and left)
+    shift content by 0.5-0.9 px per sweep on average, 1-3 sweeps, at the benchmark's size: about as far as
+    the Gaussian blurs around them spread it; `motion_blur` stays: the sharpest copy is the unmoved one, the others
     trail in one direction as any blur kernel spreads content (pixel-moving corruptions are what
     segmentation robustness benchmarks such as Cityscapes-C leave out).
 
