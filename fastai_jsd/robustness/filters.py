@@ -303,10 +303,38 @@ def _plasma_fractal(batch, height, width, decay, generator, like):
     def draw(shape, level, row_index, col_index):
         return 2 * _rand(shape, generator, like) - 1
 
-    maps = _plasma_window(batch, rows, cols, mapsize, decay, draw, like)
+    if whole:
+        maps = _plasma_torus(batch, mapsize, decay, draw, like)
+    else:
+        maps = _plasma_window(batch, rows, cols, mapsize, decay, draw, like)
     maps = maps - maps.amin((1, 2), keepdim=True)
     maps = maps / maps.amax((1, 2), keepdim=True)
     return maps[:, :height, :width]
+
+
+def _plasma_torus(batch, mapsize, decay, draw, like):
+    """The script's whole diamond-square map [B, mapsize, mapsize] (not normalised), with its np.roll steps:
+    fewer and simpler steps than `_plasma_window` where the whole map is wanted. `draw` as there."""
+    maps = torch.zeros(batch, mapsize, mapsize, dtype=like.dtype, device=like.device)
+    step, wibble, level = mapsize, 100.0, 0
+    while step >= 2:
+        half = step // 2
+        coarse = torch.arange(0, mapsize, step) // half  # torus indices at the fine spacing
+        corners = maps[:, 0::step, 0::step]
+        square = corners + corners.roll(-1, dims=1)
+        square = square + square.roll(-1, dims=2)
+        noise = draw(square.shape, level, move(coarse + 1, like.device), move(coarse + 1, like.device))
+        maps[:, half::step, half::step] = square / 4 + wibble * wibble * noise
+        centres = maps[:, half::step, half::step]
+        corners = maps[:, 0::step, 0::step]
+        left_right = centres + centres.roll(1, dims=1) + corners + corners.roll(-1, dims=2)
+        noise = draw(left_right.shape, level, move(coarse, like.device), move(coarse + 1, like.device))
+        maps[:, 0::step, half::step] = left_right / 4 + wibble * wibble * noise
+        top_bottom = centres + centres.roll(1, dims=2) + corners + corners.roll(-1, dims=1)
+        noise = draw(top_bottom.shape, level, move(coarse + 1, like.device), move(coarse, like.device))
+        maps[:, half::step, 0::step] = top_bottom / 4 + wibble * wibble * noise
+        step, wibble, level = half, wibble / decay, level + 1
+    return maps
 
 
 def _plasma_window(batch, rows, cols, mapsize, decay, draw, like):
