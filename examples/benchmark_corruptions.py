@@ -1,15 +1,20 @@
 """Throughput of `fastai_jsd.robustness.corrupt` per corruption, and the cost of a full robustness evaluation.
 
-    python examples/benchmark_corruptions.py                      # CPU: 32 px, batch 256, one thread, sev 1-5
+    python examples/benchmark_corruptions.py                      # CPU, every benchmark at its native size, sev 1-5:
+                                                                  # CIFAR-10-C 32 px batch 256, Tiny-ImageNet-C 64 px
+                                                                  # batch 64, ImageNet-C 224 px batch 16; one thread
+    python examples/benchmark_corruptions.py --benchmark cifar10-c   # one of them (--size, --batch-size to change)
     python examples/benchmark_corruptions.py --evaluate           # + evaluate_robustness vs 76 forwards, resnet18
-    python examples/benchmark_corruptions.py --device cuda        # GPU: 224 px batch 256 and 32 px batch 4096
+    python examples/benchmark_corruptions.py --device cuda        # GPU: 32 px x 4096, 64 px x 1024, 224 px x 256
     python examples/benchmark_corruptions.py --device cuda --evaluate --skip-corruptions
-                                                                  # resnet50 bf16, 224 px, 2,048 images
+                                                                  # resnet50 bf16, 224 px (ImageNet-C), 2,048 images
 
 Prints markdown tables. CPU: images/s (median over repeats) per corruption and severity, next to a
-resnet18 forward pass. GPU: images/s and host syncs per call (counted with
-`torch.cuda.set_sync_debug_mode('warn')`) per corruption at one severity, for both image sizes, next
-to a resnet50 bf16 forward pass on the same images, and the ratio. `--evaluate`: the wall time of
+resnet18 forward pass on the same images. GPU: images/s and host syncs per call (counted with
+`torch.cuda.set_sync_debug_mode('warn')`) per corruption at one severity, for each benchmark at its
+native size, next to a resnet50 bf16 forward pass on the same images, and the ratio. Tiny-ImageNet-C and
+ImageNet-C include the published files' JPEG save (`published_jpeg=True`, the default; a JPEG round trip
+per call, with its host syncs on a GPU) unless --no-published-jpeg. `--evaluate`: the wall time of
 `evaluate_robustness` (15 corruptions x 5 severities + clean = 76 conditions) over the wall time of
 76 plain forward passes of the same model over the same batches (median of repeats); batches are
 made on the device beforehand, so neither side pays for data loading.
@@ -24,7 +29,12 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from fastai_jsd.robustness import CORRUPTIONS, EXTRA_CORRUPTIONS, corrupt, evaluate_robustness
+from fastai_jsd.robustness import BENCHMARKS, CORRUPTIONS, EXTRA_CORRUPTIONS, corrupt, evaluate_robustness
+from fastai_jsd.robustness.benchmarks import benchmark_for_size
+
+# Each benchmark at its native size, with the batch timed on the CPU and on a GPU.
+NATIVE = {'cifar10-c': (32, 256, 4096), 'tiny-imagenet-c': (64, 64, 1024), 'imagenet-c': (224, 16, 256)}
+TITLES = dict(zip(BENCHMARKS, ('CIFAR-10-C', 'Tiny-ImageNet-C', 'ImageNet-C')))
 
 
 def photo_crops(n, size, seed=0, unique=256):
@@ -89,47 +99,62 @@ def model_dtype(model):
     return next(model.parameters()).dtype
 
 
+def configurations(args, gpu):
+    """(benchmark, size, batch) to time: each benchmark at its native size, or the one asked for."""
+    chosen = BENCHMARKS if args.benchmark == 'all' else (args.benchmark,)
+    return [(name, args.size or NATIVE[name][0], args.batch_size or NATIVE[name][2 if gpu else 1])
+            for name in chosen]
+
+
 def benchmark_corruptions_cpu(args):
-    images, _ = photo_crops(args.batch_size, args.size)
-    if args.gray:
-        images = images.mean(1, keepdim=True)
     generator = torch.Generator().manual_seed(0)
     cpu = torch.device('cpu')
     names = CORRUPTIONS + (EXTRA_CORRUPTIONS if args.extra else ())
-    print(f"\n`corrupt` throughput, images/s: {args.size} px, C={images.shape[1]}, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} thread(s), median of {args.repeats}\n")
-    print('| corruption | ' + ' | '.join(f'sev {s}' for s in range(1, 6)) + ' |')
-    print('|---|' + '---:|' * 5)
-    for name in names:
-        rates = [len(images) / seconds(lambda: corrupt(images, name, s, generator), cpu, args.repeats)
-                 for s in range(1, 6)]
-        print(f'| {name} | ' + ' | '.join(f'{r:,.0f}' for r in rates) + ' |')
     model = forward_model('resnet18', cpu)
-    with torch.no_grad():
-        rate = len(images) / seconds(lambda: model(images.expand(-1, 3, -1, -1)), cpu, args.repeats)
-    print(f'| *resnet18 forward (torchvision, 1,000 classes)* | {rate:,.0f} | | | | |')
+    for benchmark, size, batch in configurations(args, gpu=False):
+        images, _ = photo_crops(batch, size)
+        if args.gray:
+            images = images.mean(1, keepdim=True)
+        options = dict(benchmark=benchmark, published_jpeg=not args.no_published_jpeg)
+        print(f"\n`corrupt` throughput, images/s, {TITLES[benchmark]}"
+              f"{' (published JPEG save)' if options['published_jpeg'] and benchmark != 'cifar10-c' else ''}: "
+              f"{size} px, C={images.shape[1]}, batch {batch}, {torch.get_num_threads()} thread(s), median of "
+              f"{args.repeats}\n")
+        print('| corruption | ' + ' | '.join(f'sev {s}' for s in range(1, 6)) + ' |')
+        print('|---|' + '---:|' * 5)
+        for name in names:
+            rates = [len(images) / seconds(lambda: corrupt(images, name, s, generator, **options), cpu, args.repeats)
+                     for s in range(1, 6)]
+            print(f'| {name} | ' + ' | '.join(f'{r:,.0f}' for r in rates) + ' |')
+        with torch.no_grad():
+            rate = len(images) / seconds(lambda: model(images.expand(-1, 3, -1, -1)), cpu, args.repeats)
+        print(f'| *resnet18 forward (torchvision, 1,000 classes)* | {rate:,.0f} | | | | |')
 
 
 def benchmark_corruptions_gpu(args):
     device = torch.device(args.device)
-    configs = [(224, 256), (32, 4096)] if args.size is None else [(args.size, args.batch_size or 256)]
     names = CORRUPTIONS + (EXTRA_CORRUPTIONS if args.extra else ())
     generator = torch.Generator(device).manual_seed(0)
     model = forward_model(args.arch or 'resnet50', device)
     columns = {}
-    for size, batch in configs:
+    for benchmark, size, batch in configurations(args, gpu=True):
         images = photo_crops(batch, size)[0].to(device)
+        options = dict(benchmark=benchmark, published_jpeg=not args.no_published_jpeg)
         with torch.no_grad():
             forward = batch / seconds(lambda: model(images.to(model_dtype(model))), device, args.repeats)
         rows = {}
         for name in names:
-            rate = batch / seconds(lambda: corrupt(images, name, args.severity, generator), device, args.repeats)
-            rows[name] = (rate, count_syncs(lambda: corrupt(images, name, args.severity, generator)), rate / forward)
-        columns[(size, batch)] = (forward, rows)
+            def call():
+                corrupt(images, name, args.severity, generator, **options)
+            rate = batch / seconds(call, device, args.repeats)
+            rows[name] = (rate, count_syncs(call), rate / forward)
+        columns[(benchmark, size, batch)] = (forward, rows)
     print(f"\n`corrupt(x, name, {args.severity})` on {torch.cuda.get_device_name(device)}: images/s (median of "
           f"{args.repeats}), host syncs per call, and throughput over a {args.arch or 'resnet50'} "
-          f"{model_dtype(model)} forward pass on the same images (x model)\n")
-    header = ' | '.join(f'{size} px, batch {batch:,} | syncs | x model' for size, batch in columns)
+          f"{model_dtype(model)} forward pass on the same images (x model); Tiny-ImageNet-C and ImageNet-C "
+          f"{'without' if args.no_published_jpeg else 'with'} the published JPEG save\n")
+    header = ' | '.join(f'{TITLES[benchmark]} {size} px, batch {batch:,} | syncs | x model'
+                        for benchmark, size, batch in columns)
     print(f'| corruption | {header} |')
     print('|---|' + '---:|---:|---:|' * len(columns))
     for name in names:
@@ -189,14 +214,19 @@ def benchmark_evaluation(args):
                 for _ in range(conditions):
                     model(xb.to(model_dtype(model)))
 
+    benchmark = None if args.benchmark == 'all' else args.benchmark  # None: by size
+
     def evaluation():
-        evaluate_robustness(learn, dl=batches, generator=generator, show_progress=False)
+        evaluate_robustness(learn, dl=batches, generator=generator, show_progress=False, benchmark=benchmark,
+                            published_jpeg=not args.no_published_jpeg)
 
     reference = seconds(plain_forwards, device, repeats)
     evaluated = seconds(evaluation, device, repeats)
     syncs = count_syncs(evaluation) if gpu else None
     where = torch.cuda.get_device_name(device) if gpu else f'CPU, {torch.get_num_threads()} thread(s)'
-    print(f"\n`evaluate_robustness` (15 corruptions x 5 severities + clean = {conditions} conditions) against "
+    chosen = TITLES[benchmark or benchmark_for_size(size, size)]
+    print(f"\n`evaluate_robustness` ({chosen}: 15 corruptions x 5 severities + clean = {conditions} conditions) "
+          f"against "
           f"{conditions} plain forward passes over the same batches: {arch} ({model_dtype(model)}, random "
           f"weights), {n_images:,} images of {size} px, batch {batch_size}, {where}, median of {repeats}\n")
     print('| run | seconds | images x conditions / s |\n|---|---:|---:|')
@@ -210,10 +240,16 @@ def benchmark_evaluation(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (or 'cuda:1', ...)")
+    parser.add_argument('--benchmark', default='all', choices=BENCHMARKS + ('all',),
+                        help="whose corruptions to time (default all three, each at its native size); "
+                             "--evaluate: 'all' chooses by image size")
+    parser.add_argument('--no-published-jpeg', action='store_true',
+                        help='leave out the JPEG save of the published Tiny-ImageNet-C / ImageNet-C files')
     parser.add_argument('--size', type=int, default=None,
-                        help='image size (CPU default 32; GPU default: both 224 and 32 px)')
+                        help="image size (default the benchmark's native size: 32, 64, 224 px; --evaluate: "
+                             "224 on a GPU, 32 on the CPU)")
     parser.add_argument('--batch-size', type=int, default=None,
-                        help='corruption batch (CPU default 256; GPU default 256 at 224 px, 4096 at 32 px)')
+                        help='corruption batch (CPU default 256 / 64 / 16 at 32 / 64 / 224 px; GPU 4096 / 1024 / 256)')
     parser.add_argument('--severity', type=int, default=3, help='GPU table: the severity timed')
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--threads', type=int, default=1, help='CPU threads')
@@ -233,7 +269,6 @@ def main():
         if torch.device(args.device).type == 'cuda':
             benchmark_corruptions_gpu(args)
         else:
-            args.size, args.batch_size = args.size or 32, args.batch_size or 256
             benchmark_corruptions_cpu(args)
     if args.evaluate:
         benchmark_evaluation(args)

@@ -485,3 +485,104 @@ def test_evaluate_robustness_segmentation_with_uint8_masks_and_many_classes():
     with torch.no_grad():
         predicted = model(x).argmax(1)
     assert small.clean_error == pytest.approx(float((predicted != masks.long()).float().mean()))
+
+
+# ------------------------------------------------------------------------------ benchmarks and AlexNet mCE
+
+# AlexNet's mean top-1 error over severities 1-5 per ImageNet-C corruption, as the ImageNet-C paper (Hendrycks &
+# Dietterich, ICLR 2019) published them; google-research/augmix's imagenet.py carries them as ALEXNET_ERR.
+PAPER_ALEXNET_ERRORS = dict(zip(
+    CORRUPTIONS, [0.886428, 0.894468, 0.922640, 0.819880, 0.826268, 0.785948, 0.798360, 0.866816, 0.826572,
+                  0.819324, 0.564592, 0.853204, 0.646056, 0.717840, 0.606500]))
+
+
+def test_alexnet_constants_are_the_papers():
+    from fastai_jsd.robustness import ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS
+    assert dict(ALEXNET_ERRORS) == PAPER_ALEXNET_ERRORS
+    assert round(100 * ALEXNET_CLEAN_ERROR, 1) == 43.5  # the paper's AlexNet clean error
+
+
+def hand_made_table(errors):
+    """A classification table from {corruption: [error at severity 1..5]}."""
+    import pandas as pd
+    rows = [dict(corruption=name, severity=severity, error=error, rms_calibration_error=0.1)
+            for name, values in errors.items() for severity, error in enumerate(values, 1)]
+    return pd.DataFrame(rows)
+
+
+def test_alexnet_mce_arithmetic_on_a_hand_made_table():
+    from fastai_jsd.robustness import evaluate
+    # AlexNet's own errors at every severity: mCE 100 %, relative mCE 100 % with AlexNet's clean error.
+    alexnet = hand_made_table({name: [error] * 5 for name, error in PAPER_ALEXNET_ERRORS.items()})
+    mce, relative = evaluate._alexnet_scores(alexnet, 1 - 0.56522)
+    assert mce == pytest.approx(100) and relative == pytest.approx(100)
+    # Two corruptions by hand: sum_s E / (5 x AlexNet's mean), and the degradation ratio.
+    errors = {'gaussian_noise': [0.2, 0.3, 0.4, 0.5, 0.6], 'fog': [0.1, 0.1, 0.2, 0.2, 0.3]}
+    table = hand_made_table(errors)
+    mce, relative = evaluate._alexnet_scores(table, 0.05)
+    noise_ce, fog_ce = 2.0 / (5 * 0.886428), 0.9 / (5 * 0.819324)
+    assert mce == pytest.approx(100 * (noise_ce + fog_ce) / 2)
+    noise_rel = (2.0 - 5 * 0.05) / (5 * 0.886428 - 5 * 0.43478)
+    fog_rel = (0.9 - 5 * 0.05) / (5 * 0.819324 - 5 * 0.43478)
+    assert relative == pytest.approx(100 * (noise_rel + fog_rel) / 2)
+    # A corruption without all five severities, or an extra one, has no AlexNet number: left out.
+    partial = hand_made_table({**errors, 'contrast': [0.5, 0.5, 0.5, 0.5], 'spatter': [0.9] * 5})
+    assert evaluate._alexnet_scores(partial, 0.05) == pytest.approx((mce, relative))
+    assert evaluate._alexnet_scores(hand_made_table({'spatter': [0.9] * 5}), 0.05) == (None, None)
+
+
+def test_evaluate_robustness_uses_the_benchmark_and_reports_alexnet_mce(dls):
+    learn = make_learner(dls)
+    kwargs = dict(corruptions=('contrast', 'gaussian_noise'), show_progress=False)
+    result = evaluate_robustness(learn, benchmark='imagenet-c', generator=seeded(5), **kwargs)
+    assert result.benchmark == 'imagenet-c' and result.published_jpeg is True
+    mce = np.mean([result.table.error[result.table.corruption == c].sum() / (5 * PAPER_ALEXNET_ERRORS[c])
+                   for c in kwargs['corruptions']])
+    assert result.alexnet_mce == pytest.approx(100 * mce)
+    assert result.summary()['alexnet_mce'] == result.alexnet_mce and result.alexnet_relative_mce is not None
+    assert "benchmark=ImageNet-C (published JPEG)" in repr(result) and 'alexnet_mce=' in repr(result)
+    # the corruptions were ImageNet-C's (lengths scaled to 32 px) with the published JPEG save
+    norm = dls.after_batch.fs[-1]
+    mean, std = (torch.as_tensor(v).view(1, 3, 1, 1) for v in (norm.mean, norm.std))
+    learn.model.eval()
+    wrong = []
+    with torch.no_grad():
+        for xb, yb in dls.valid:
+            pixels = (xb.as_subclass(torch.Tensor) * std + mean).clamp(0, 1)
+            images = corrupt(pixels, 'contrast', 5, benchmark='imagenet-c')
+            wrong.append(learn.model((images - mean) / std).argmax(-1) != yb.as_subclass(torch.Tensor))
+    row = result.table[(result.table.corruption == 'contrast') & (result.table.severity == 5)]
+    assert float(row.error.iloc[0]) == pytest.approx(float(torch.cat(wrong).float().mean()))
+    # without the JPEG save: other images; by size (32 px): CIFAR-10-C, no AlexNet numbers
+    plain = evaluate_robustness(learn, benchmark='imagenet-c', published_jpeg=False, generator=seeded(5), **kwargs)
+    assert plain.published_jpeg is False and 'no JPEG save' in repr(plain)
+    by_size = evaluate_robustness(learn, generator=seeded(5), severities=(1, 2, 3, 4, 5), **kwargs)
+    assert by_size.benchmark == 'cifar10-c' and by_size.alexnet_mce is None and 'CIFAR-10-C' in repr(by_size)
+    partial = evaluate_robustness(learn, benchmark='imagenet-c', severities=(1, 3), generator=seeded(5), **kwargs)
+    assert partial.alexnet_mce is None  # AlexNet's numbers average all five severities
+
+
+def test_evaluate_robustness_refuses_an_unknown_benchmark_before_any_work(dls):
+    learn = make_learner(dls)
+    with pytest.raises(ValueError, match="'cifar10-c', 'tiny-imagenet-c', 'imagenet-c'"):
+        evaluate_robustness(learn, benchmark='cifar100-c', show_progress=False)
+    with pytest.raises(ValueError, match='published_jpeg'):
+        evaluate_robustness(learn, published_jpeg=None, show_progress=False)
+    assert learn.model.modes == []  # the model never ran
+    cifar = evaluate_robustness(learn, corruptions=('fog',), severities=(1,), show_progress=False)
+    with pytest.raises(ValueError, match='baseline was evaluated on CIFAR-10-C'):
+        evaluate_robustness(learn, baseline=cifar, benchmark='tiny-imagenet-c', corruptions=('fog',),
+                            severities=(1,), show_progress=False)
+
+
+def test_plot_names_the_benchmark(dls, seg_dls):
+    matplotlib.use('Agg')
+    learn = make_learner(dls)
+    kwargs = dict(corruptions=('fog',), severities=(1,), show_progress=False)
+    ax = plot_corruption_errors(evaluate_robustness(learn, benchmark='imagenet-c', **kwargs))
+    assert 'ImageNet-C (published JPEG)' in ax.get_title()
+    ax = plot_corruption_errors({'a': evaluate_robustness(learn, **kwargs),
+                                 'b': evaluate_robustness(learn, benchmark='tiny-imagenet-c', **kwargs)})
+    assert 'CIFAR-10-C' in ax.get_title() and 'Tiny-ImageNet-C' in ax.get_title()
+    segmentation = evaluate_robustness(make_segmentation_learner(seg_dls), benchmark='tiny-imagenet-c', **kwargs)
+    assert segmentation.benchmark == 'tiny-imagenet-c' and 'Tiny-ImageNet-C' in repr(segmentation)

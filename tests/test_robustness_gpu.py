@@ -1,6 +1,7 @@
-"""GPU checks of fastai_jsd.robustness (skipped without CUDA): no corruption waits for the GPU, the GPU
-gives the CPU path's pixels for the same draws (the same distribution for its own draws), nvJPEG against
-PIL, and evaluate_robustness reads results back once per batch plus once at the end."""
+"""GPU checks of fastai_jsd.robustness (skipped without CUDA): no corruption waits for the GPU (but the JPEG
+round trips: `jpeg_compression` and the published files' save of Tiny-ImageNet-C / ImageNet-C), the GPU gives
+the CPU path's pixels for the same draws (the same distribution for its own draws), for every benchmark,
+nvJPEG against PIL, and evaluate_robustness reads results back once per batch plus once at the end."""
 import contextlib
 import types
 import warnings
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from _images import photo_crops, to_grayscale, to_tensor
-from fastai_jsd.robustness import (CORRUPTIONS, EXTRA_CORRUPTIONS, SEGMENTATION_CORRUPTIONS, corrupt,
+from fastai_jsd.robustness import (BENCHMARKS, CORRUPTIONS, EXTRA_CORRUPTIONS, SEGMENTATION_CORRUPTIONS, corrupt,
                                    evaluate_robustness)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -53,15 +54,17 @@ def count_syncs(fn):
     return sum('synchroniz' in str(warning.message) for warning in caught)
 
 
+@pytest.mark.parametrize('benchmark', BENCHMARKS)
 @pytest.mark.parametrize('kind', ['cuda', 'cpu', None])
 @pytest.mark.parametrize('shape', SHAPES)
-def test_no_corruption_waits_for_the_gpu(shape, kind):
+def test_no_corruption_waits_for_the_gpu(shape, kind, benchmark):
     x = images(shape).cuda()
+    options = dict(benchmark=benchmark, published_jpeg=False)  # the published save is a JPEG round trip
     for name in SYNC_FREE:
         for severity in (1, 5):
-            corrupt(x, name, severity, generator(kind))  # warm-up: kernels, FFT plans, cuBLAS handles
+            corrupt(x, name, severity, generator(kind), **options)  # warm-up: kernels, FFT plans, cuBLAS handles
             with sync_debug('error'):
-                out = corrupt(x, name, severity, generator(kind))
+                out = corrupt(x, name, severity, generator(kind), **options)
             assert out.is_cuda and out.shape == x.shape and out.dtype == x.dtype
 
 
@@ -71,27 +74,39 @@ def test_jpeg_waits_at_most_twice():
     assert count_syncs(lambda: corrupt(x, 'jpeg_compression', 3)) <= 2
 
 
+@pytest.mark.parametrize('benchmark', ['tiny-imagenet-c', 'imagenet-c'])
+def test_the_published_jpeg_save_waits_at_most_twice_per_round_trip(benchmark):
+    x = images((8, 3, 64, 64)).cuda()
+    for name, round_trips in (('contrast', 1), ('glass_blur', 1), ('jpeg_compression', 2)):
+        corrupt(x, name, 3, generator('cuda'), benchmark=benchmark)
+        assert count_syncs(lambda: corrupt(x, name, 3, generator('cuda'), benchmark=benchmark)) <= 2 * round_trips
+
+
+@pytest.mark.parametrize('benchmark', BENCHMARKS)
 @pytest.mark.parametrize('shape', SHAPES)
-def test_gpu_gives_the_cpu_pixels_for_the_same_draws(shape):
+def test_gpu_gives_the_cpu_pixels_for_the_same_draws(shape, benchmark):
     x = images(shape, seed=3)
+    options = dict(benchmark=benchmark, published_jpeg=False)  # nvJPEG is not PIL: compared below
     for name in SAME_DRAWS:
         for severity in (1, 3, 5):
-            cpu = corrupt(x, name, severity, generator('cpu', severity))
-            gpu = corrupt(x.cuda(), name, severity, generator('cpu', severity)).cpu()
+            cpu = corrupt(x, name, severity, generator('cpu', severity), **options)
+            gpu = corrupt(x.cuda(), name, severity, generator('cpu', severity), **options).cpu()
             difference = (gpu - cpu).abs()
-            if name == 'spatter':  # a floor of a blurred distance can flip a level at a few pixels
-                assert float((difference > 1e-4).float().mean()) < 1e-3, (name, severity)
+            if name == 'spatter':  # a floored distance level can flip, and with it equalizeHist's table
+                assert float(difference.mean()) < 5e-4, (name, severity)
             else:
                 atol = 1e-3 if name == 'frost' else 1e-4  # frost: a square root of needles near 0
                 assert float(difference.max()) < atol, (name, severity, float(difference.max()))
 
 
+@pytest.mark.parametrize('benchmark', BENCHMARKS)
 @pytest.mark.parametrize('name', SYNC_FREE)
-def test_gpu_draws_give_the_cpu_distribution(name):
+def test_gpu_draws_give_the_cpu_distribution(name, benchmark):
     x = images((64, 3, 32, 32), seed=4)
+    options = dict(benchmark=benchmark, published_jpeg=False)
     for severity in (2, 5):
-        cpu = corrupt(x, name, severity, generator('cpu', 1)) - x
-        gpu = corrupt(x.cuda(), name, severity, generator('cuda', 1)).cpu() - x
+        cpu = corrupt(x, name, severity, generator('cpu', 1), **options) - x
+        gpu = corrupt(x.cuda(), name, severity, generator('cuda', 1), **options).cpu() - x
         assert float(gpu.abs().mean()) == pytest.approx(float(cpu.abs().mean()), rel=0.15, abs=1e-4)
         assert abs(float(gpu.mean()) - float(cpu.mean())) < 0.02
         assert float(gpu.std()) == pytest.approx(float(cpu.std()), rel=0.15, abs=1e-4)

@@ -1,21 +1,28 @@
-"""The common corruptions of CIFAR-10-C as batched torch kernels on any device, and `corrupt`.
+"""The common corruptions of CIFAR-10-C, Tiny-ImageNet-C and ImageNet-C as batched torch kernels, and `corrupt`.
 
-The corruptions re-implement `ImageNet-C/create_c/make_cifar_c.py` of hendrycks/robustness, the script
-that generated CIFAR-10-C: same operations, same severity tables (each stands above its kernel, indexed
-by severity - 1). Where the script calls ImageMagick (motion blur, snow), cv2 (spatter) or ships
-photographs (frost), an equivalent is computed in torch; each such corruption says how it differs.
+The corruptions re-implement the generator scripts of hendrycks/robustness (`ImageNet-C/create_c/`:
+`make_cifar_c.py`, `make_tinyimagenet_c.py`, `make_imagenet_c.py`): the same operations with each
+benchmark's severity tables (`benchmarks.py`) and per-corruption code. Where the scripts call ImageMagick
+(motion blur, snow), cv2 (spatter) or crop photographs (frost), an equivalent is computed in torch; each
+such corruption says how it differs. Every kernel takes float images [B, C, H, W] in [0, 1], the
+benchmark's setting for the severity (the script's `c`), a generator and the size scale.
 
-Image size: the tables are for 32 px images. Every length in pixels (blur sigmas and radii, motion
-blur length, glass-blur swap distance, snow flake size, elastic displacement, spatter blob size,
-frost needles) is multiplied by `min(H, W) / 32`, so that a corrupted image of any size looks like
-the corrupted 32 px version scaled up. Ratios (zoom factors, pixelation ratio), intensities (noise
-strengths, contrast, brightness, JPEG quality) are size independent and used as they are.
+Image size: each benchmark's tables are for its native size (32, 64, 224 px). Every length in pixels (blur
+sigmas and radii, motion blur length, glass-blur swap distance, snow flake size, elastic displacement,
+spatter blob size) is multiplied by `min(H, W) / native size`, so that a corrupted image of another size
+looks like the corrupted native-size version scaled. Ratios (zoom factors, pixelation ratio) and
+intensities (noise strengths, contrast, brightness, JPEG quality) are size independent.
 
-Outputs are float and not rounded to 1/255 (the script stores uint8); only `jpeg_compression`
-quantizes, because JPEG works on 8-bit images.
+Storage: the scripts store uint8 images; the CIFAR file keeps them as they are, the Tiny-ImageNet and
+ImageNet scripts save them as JPEG at quality 85. `corrupt(..., published_jpeg=True)` (the default) does
+the same for those two benchmarks (`np.uint8`'s truncation, then the JPEG round trip), so that errors are
+comparable with the published files; otherwise outputs are float and not rounded to 1/255: only
+`jpeg_compression` quantizes its output, glass blur and snow an intermediate step (where the scripts
+truncate to uint8 between steps).
 
-Devices: no corruption waits for the GPU (see `filters`), except `jpeg_compression`, whose encoded
-bytes must reach the host for nvJPEG's decoder.
+Devices: no corruption waits for the GPU (see `filters`), except the JPEG round trips (`jpeg_compression`,
+and the published-file save of Tiny-ImageNet-C and ImageNet-C), whose encoded bytes must reach the host
+for nvJPEG's decoder.
 """
 import contextlib
 import io
@@ -31,10 +38,12 @@ from PIL import Image
 
 from fastai_jsd._device import move
 from fastai_jsd.augment.checks import image_problem
-from fastai_jsd.robustness.filters import (_clipped_zoom, _constant, _correlate2d, _directional_blur,
-                                           _edge_distance, _equalize, _erode, _gaussian_blur, _motion_kernel,
-                                           _on_device, _on_host, _pil_box_round_trip, _plasma_fractal,
-                                           _poisson, _rand, _randn, _to_gray)
+from fastai_jsd.robustness.benchmarks import get_benchmark
+from fastai_jsd.robustness.filters import (_band_matrix, _canny, _chamfer_distance, _clipped_zoom, _constant,
+                                           _correlate2d, _directional_blur, _equalize_hist, _gaussian_blur,
+                                           _motion_kernel, _on_device, _on_host, _pil_box_round_trip, _plasma_fractal,
+                                           _poisson, _rand, _randint, _randn, _to_gray)
+from fastai_jsd.robustness.shuffle import shuffle_sources
 
 CORRUPTIONS = (
     'gaussian_noise', 'shot_noise', 'impulse_noise',
@@ -47,216 +56,149 @@ EXTRA_CORRUPTIONS = ('speckle_noise', 'gaussian_blur', 'spatter', 'saturate')
 # Corruptions that move image content: masks would no longer line up with the corrupted images.
 _MOVES_PIXELS = {
     'elastic_transform': 'warps the image (affine jitter and a displacement field)',
-    'zoom_blur': 'averages zooms about the centre, moving content outwards by up to 12.5% of the image '
-                 'size at severity 5',
+    'zoom_blur': 'averages zooms about the centre, moving content outwards by up to 12.5% (CIFAR-10-C, '
+                 'Tiny-ImageNet-C) or 15% (ImageNet-C) of the image size at severity 5',
 }
 SEGMENTATION_CORRUPTIONS = tuple(name for name in CORRUPTIONS if name not in _MOVES_PIXELS)
 
-
-def _size_scale(x):
-    """How many pixels of `x` one pixel of a 32 px CIFAR image stands for."""
-    return min(x.shape[-2], x.shape[-1]) / 32
+# The published JPEG save of Tiny-ImageNet-C and ImageNet-C (`save(path, quality=85, optimize=True)`).
+_PUBLISHED_JPEG_QUALITY = 85
 
 
 def _through_rgb(corruption):
     """Apply a colour corruption to 1-channel images as to their gray RGB copy, then take the luma."""
-    def apply(x, level, generator):
+    def apply(x, setting, generator, scale):
         if x.shape[1] == 3:
-            return corruption(x, level, generator)
-        return _to_gray(corruption(x.expand(-1, 3, -1, -1), level, generator))
+            return corruption(x, setting, generator, scale)
+        return _to_gray(corruption(x.expand(-1, 3, -1, -1), setting, generator, scale))
     apply.__name__ = corruption.__name__
     apply.__doc__ = corruption.__doc__
     return apply
 
 
+def _as_uint8(x):
+    """np.uint8 of the script's 0..255 floats: truncated to whole levels, as float values (the small
+    offset keeps a level that float round-off put a hair below itself)."""
+    return (x * 255 + 1e-3).floor_().clamp_(0, 255)
+
+
 # ---------------------------------------------------------------------------------------------------
-# The corruptions: each takes float images [B, C, H, W] in [0, 1], level = severity - 1, a generator.
+# The corruptions: each takes float images [B, C, H, W] in [0, 1], the benchmark's setting for the severity,
+# a generator and `scale` = min(H, W) / the benchmark's native size.
 
-_GAUSSIAN_NOISE_STD = (0.04, 0.06, 0.08, 0.09, 0.10)
-
-
-def _gaussian_noise(x, level, generator):
+def _gaussian_noise(x, std, generator, scale):
     """x + N(0, std) per pixel and channel."""
     noise = _randn(x.shape, generator, x)
-    return noise.mul_(_GAUSSIAN_NOISE_STD[level]).add_(x).clamp_(0, 1)
+    return noise.mul_(std).add_(x).clamp_(0, 1)
 
 
-_SHOT_NOISE_PHOTONS = (500, 250, 100, 75, 50)
-
-
-def _shot_noise(x, level, generator):
+def _shot_noise(x, photons, generator, scale):
     """Poisson(x * photons) / photons."""
-    photons = _SHOT_NOISE_PHOTONS[level]
     return _poisson(x * photons, generator).div_(photons).clamp_(0, 1)
 
 
-_IMPULSE_NOISE_AMOUNT = (0.01, 0.02, 0.03, 0.05, 0.07)
-
-
-def _impulse_noise(x, level, generator):
+def _impulse_noise(x, amount, generator, scale):
     """Salt and pepper on a fraction `amount` of the values, half each (skimage's 's&p' mode, per channel)."""
-    amount = _IMPULSE_NOISE_AMOUNT[level]
     draw = _rand(x.shape, generator, x)
     salt_or_pepper = (draw >= amount / 2).to(x.dtype)
     return torch.where(draw < amount, salt_or_pepper, x)
 
 
-_SPECKLE_NOISE_STD = (0.06, 0.1, 0.12, 0.16, 0.2)
-
-
-def _speckle_noise(x, level, generator):
+def _speckle_noise(x, std, generator, scale):
     """x + x * N(0, std)."""
     noise = _randn(x.shape, generator, x)
-    return noise.mul_(_SPECKLE_NOISE_STD[level]).add_(1).mul_(x).clamp_(0, 1)
+    return noise.mul_(std).add_(1).mul_(x).clamp_(0, 1)
 
 
-_GAUSSIAN_BLUR_SIGMA = (0.4, 0.6, 0.7, 0.8, 1.0)
-
-
-def _gaussian_blur_corruption(x, level, generator):
+def _gaussian_blur_corruption(x, sigma, generator, scale):
     """skimage Gaussian blur with the table's sigma."""
-    return _gaussian_blur(x, _GAUSSIAN_BLUR_SIGMA[level] * _size_scale(x)).clamp_(0, 1)
+    return _gaussian_blur(x, sigma * scale).clamp_(0, 1)
 
 
-_GLASS_BLUR = ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2))  # sigma, max_delta, sweeps
+def _glass_blur(x, setting, generator, scale):
+    """Blur, truncate to uint8, shuffle pixels locally (`iterations` sweeps), blur again.
 
-
-def _glass_blur(x, level, generator):
-    """Blur, shuffle pixels locally, blur again.
-
-    The script swaps every interior pixel with a random neighbour in a sequential Python loop
-    (np.random.randint(-1, 1) draws offsets -1 or 0 only). Here each sweep is two passes of uniformly
-    random permutations inside 2 x 2 blocks of a randomly offset grid, one gather per offset: at 32 px
-    this matches the loop's mean pixel displacement (1.24 px after one sweep; 1.67 against 1.82 px
-    after two) without its rare long drifts towards the top-left. Larger images use blocks of
-    1 + round(scale) pixels.
+    The shuffle is the script's swap loop (every interior pixel, bottom-right first, swapped with the pixel
+    at an offset drawn from -max_delta .. max_delta - 1 per axis), computed exactly by `shuffle.py` in
+    batched gathers. Other image sizes scale sigma and max_delta (at least 1).
     """
-    sigma, max_delta, sweeps = _GLASS_BLUR[level]
-    scale = _size_scale(x)
-    out = _gaussian_blur(x, sigma * scale)
-    block = 1 + max(max_delta, round(max_delta * scale))
-    for _ in range(2 * sweeps):
-        out = _shuffle_blocks(out, block, generator)
+    sigma, max_delta, iterations = setting
+    batch, channels, height, width = x.shape
+    reach = max(1, round(max_delta * scale))
+    out = _as_uint8(_gaussian_blur(x, sigma * scale)).div_(255)
+    steps = (batch, max(height - 2 * reach, 0), max(width - 2 * reach, 0))
+    for _ in range(iterations):
+        offset_x = _randint(-reach, reach, steps, generator, x)
+        offset_y = _randint(-reach, reach, steps, generator, x)
+        sources = shuffle_sources(offset_y, offset_x, height, width, reach)
+        out = out.reshape(batch, channels, -1).gather(2, sources[:, None].expand(-1, channels, -1)).view_as(x)
     return _gaussian_blur(out, sigma * scale).clamp_(0, 1)
 
 
-def _shuffle_blocks(x, block, generator):
-    """Permute the pixels inside every whole `block` x `block` cell of a grid offset at random per image.
-
-    One gather for the whole batch: every pixel looks up where its source is, from its image's grid
-    offset and its cell's permutation. Cells cut by the border stay in place, as the script leaves the
-    border rows and columns alone.
-    """
-    batch, channels, height, width = x.shape
-    cell_size = block * block
-    phases = (_rand((batch,), generator, x) * cell_size).long().clamp_(max=cell_size - 1)
-    cells_y, cells_x = height // block, width // block
-    keys = _rand((batch, cells_y, cells_x, cell_size), generator, x)
-    source_slot = keys.argsort(-1)  # a uniform random permutation of each cell's pixels
-    top, left = phases // block, phases % block  # the grid offset of each image [B]
-    # The flat image index each (image, cell, slot) takes its value from, laid out like the pixels of
-    # the whole cells ([B, cells_y * block, cells_x * block]) so that the lookup below reads in order.
-    slot = torch.arange(cell_size, device=x.device)
-    source = (slot // block * width + slot % block).take(source_slot)
-    source = source.view(batch, cells_y, cells_x, block, block).permute(0, 1, 3, 2, 4)
-    source = source.reshape(batch, cells_y * block, cells_x * block)
-    source += (top[:, None] + torch.arange(cells_y * block, device=x.device) // block * block)[:, :, None] * width
-    source += (left[:, None] + torch.arange(cells_x * block, device=x.device) // block * block)[:, None, :]
-    # Pixel (r, c) of an image with offset (top, left) finds its source at (r - top, c - left).
-    rows, cols = torch.arange(height, device=x.device), torch.arange(width, device=x.device)
-    row_in_cells, inside_y = _whole_cells(rows, top, block, height)  # [B, H]
-    col_in_cells, inside_x = _whole_cells(cols, left, block, width)  # [B, W]
-    first = torch.arange(batch, device=x.device)[:, None] * source[0].numel()
-    shuffled = source.view(-1).take((row_in_cells * (cells_x * block) + first)[:, :, None] + col_in_cells[:, None, :])
-    inside = inside_y[:, :, None] & inside_x[:, None, :]
-    index = torch.where(inside, shuffled, rows[:, None] * width + cols)
-    flat = x.reshape(batch, channels, height * width)
-    return flat.gather(2, index.view(batch, 1, -1).expand(-1, channels, -1)).view_as(x)
-
-
-def _whole_cells(positions, offsets, block, size):
-    """Position [B, N] relative to grids starting at `offsets` [B] (clamped into the whole cells), and
-    whether it lies in a whole cell."""
-    relative = positions[None] - offsets[:, None]
-    whole = (relative >= 0) & (relative < ((size - offsets) // block * block)[:, None])
-    return relative.clamp_(0, size // block * block - 1), whole
-
-
-_DEFOCUS_BLUR = ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1))  # disk radius, anti-alias sigma
-
-
 def _defocus_kernel(radius, alias_sigma, scale):
-    """The script's `disk`: a pixel disk of `radius`, normalized, smoothed by cv2.GaussianBlur (3 x 3
-    at 32 px, reflect-101 border). Larger images scale radius, sigma and the smoothing window."""
+    """The script's `disk`: a pixel disk of `radius` on the grid -L..L (L = 8, or the radius when larger),
+    normalised, then cv2.GaussianBlur inside the grid (3 x 3, or 5 x 5 for radii above 8; border
+    reflect-101). Other image sizes scale the radius, grid, sigma and window."""
+    grid, window = (8, 1) if radius <= 8 else (radius, 2)
+    smooth_radius = max(1, round(window * scale))
     radius, alias_sigma = radius * scale, alias_sigma * scale
-    smooth_radius = max(1, round(scale))
-    half = math.ceil(radius) + smooth_radius  # zero margin: the border mode of the smoothing never matters
+    half = max(int(grid * scale), math.floor(radius), smooth_radius)
     offsets = torch.arange(-half, half + 1, dtype=torch.float64)
     disk = ((offsets[:, None] ** 2 + offsets[None, :] ** 2) <= radius ** 2).double()
     disk = disk / disk.sum()
     taps = torch.arange(-smooth_radius, smooth_radius + 1, dtype=torch.float64)
     smooth = torch.exp(-taps ** 2 / (2 * alias_sigma ** 2))  # cv2.getGaussianKernel for sigma > 0
-    smooth = smooth / smooth.sum()
-    kernel = F.conv2d(disk[None, None], smooth.view(1, 1, -1, 1), padding=(smooth_radius, 0))
-    kernel = F.conv2d(kernel, smooth.view(1, 1, 1, -1), padding=(0, smooth_radius))[0, 0]
-    return kernel
+    smooth = _band_matrix(2 * half + 1, tuple((smooth / smooth.sum()).tolist()), 'mirror')
+    kernel = smooth @ disk @ smooth.T
+    # Drop the all-zero margin (the grid is wide for small disks): the same correlation, a smaller kernel.
+    reach = min(half, math.floor(radius) + smooth_radius)
+    return kernel[half - reach:half + reach + 1, half - reach:half + reach + 1]
 
 
-def _defocus_blur(x, level, generator):
+def _defocus_blur(x, setting, generator, scale):
     """Correlate with the anti-aliased disk, reflect-101 border (cv2.filter2D)."""
-    radius, alias_sigma = _DEFOCUS_BLUR[level]
-    kernel = _defocus_kernel(radius, alias_sigma, _size_scale(x))
-    return _correlate2d(x, kernel, 'mirror').clamp_(0, 1)
+    radius, alias_sigma = setting
+    return _correlate2d(x, _defocus_kernel(radius, alias_sigma, scale), 'mirror').clamp_(0, 1)
 
 
-_MOTION_BLUR = ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5))  # ImageMagick radius, sigma
-
-
-def _motion_blur(x, level, generator):
+def _motion_blur(x, setting, generator, scale):
     """ImageMagick's motion blur (radius, sigma of the table), angle U(-45, 45) degrees per image.
 
     The script runs ImageMagick on a PNG; this computes the same one-sided Gaussian along the
     rounded direction (`_directional_blur`) in float, without the 8-bit round trip.
     """
-    radius, sigma = _MOTION_BLUR[level]
-    scale = _size_scale(x)
+    radius, sigma = setting
     degrees = _rand((x.shape[0],), generator, x) * 90 - 45
     return _directional_blur(x, _motion_kernel(radius * scale, sigma * scale), degrees).clamp_(0, 1)
 
 
-# np.arange(1, 1.06, 0.01) ... np.arange(1, 1.26, 0.01): float rounding makes numpy include the end
-# point for the first two, and numpy steps by (1 + 0.01) - 1, which decides round(26 * 1.25...) = 33.
-_ZOOM_BLUR_STEPS = (7, 12, 16, 21, 26)
-_ZOOM_BLUR_STEP = (1 + 0.01) - 1
+@lru_cache(maxsize=32)
+def _zoom_factors(stop, step):
+    """The script's np.arange(1, stop, step): float rounding decides whether the end point is included."""
+    return tuple(np.arange(1, stop, step).tolist())
 
 
-def _zoom_blur(x, level, generator):
-    """Mean of the image and its centre zooms by 1, 1.01, ... (the image itself counts twice)."""
+def _zoom_blur(x, setting, generator, scale):
+    """Mean of the image and its centre zooms by the table's factors (the image itself counts twice)."""
+    factors = _zoom_factors(*setting)
     total = x.clone()
-    steps = _ZOOM_BLUR_STEPS[level]
-    for step in range(steps):
-        total += _clipped_zoom(x, 1 + step * _ZOOM_BLUR_STEP)
-    return total.div_(steps + 1).clamp_(0, 1)
+    for factor in factors:
+        total += _clipped_zoom(x, factor)
+    return total.div_(len(factors) + 1).clamp_(0, 1)
 
 
-_SNOW = ((0.1, 0.2, 1, 0.6, 8, 3, 0.95),  # mean, std, zoom, threshold, blur radius, blur sigma, blend
-         (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
-         (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
-         (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
-         (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8))
-
-
-def _snow(x, level, generator):
+def _snow(x, setting, generator, scale):
     """Zoomed, thresholded noise streaked by a motion blur at U(-135, -45) degrees, over a paled image.
 
-    The streaks use `_directional_blur` instead of ImageMagick, in float instead of 8-bit PNG.
+    The flakes are truncated to uint8 as the script's 'L' image is; the streaks use `_directional_blur`
+    instead of ImageMagick, in float instead of 8-bit PNG.
     """
-    mean, std, zoom, threshold, blur_radius, blur_sigma, blend = _SNOW[level]
+    mean, std, zoom, threshold, blur_radius, blur_sigma, blend = setting
     batch, _, height, width = x.shape
-    scale = _size_scale(x)
     flakes = _randn((batch, 1, height, width), generator, x).mul_(std).add_(mean)
-    flakes = _clipped_zoom(flakes, zoom * scale)
-    flakes = torch.where(flakes < threshold, 0, flakes).clamp_(0, 1)
+    # Flakes zoom * scale pixels wide; below the native size that can drop under 1 px: plain noise then.
+    flakes = _clipped_zoom(flakes, max(zoom * scale, 1.0))
+    flakes = _as_uint8(torch.where(flakes < threshold, 0, flakes).clamp_(0, 1)).div_(255)
     degrees = _rand((batch,), generator, x) * 90 - 135
     flakes = _directional_blur(flakes, _motion_kernel(blur_radius * scale, blur_sigma * scale), degrees)
     paled = torch.maximum(x, _to_gray(x) * 1.5 + 0.5)
@@ -264,69 +206,80 @@ def _snow(x, level, generator):
     return out.add_(flakes).add_(flakes.flip(-2, -1)).clamp_(0, 1)
 
 
-def _frost_texture(batch, height, width, scale, generator, like):
-    """A procedural ice layer [B, 3, H, W] in [0, 1]: bright needles in three directions over a haze.
+# The scripts crop one of five frost photographs (frost1.png ... frost5.jpg; frost2 and frost3 are the
+# same picture). Measured from 300 random crops of each, at the three benchmarks' scales (the scripts resize
+# by 0.2, 0.3 and 1: the statistics agree within 0.01): the RGB mean, the spread of a crop's mean around it
+# and the spread of the pixels within a crop. The procedural layer reproduces these, not the pictures.
+_FROST_PHOTOS = (  # (RGB mean, between-crop sd, within-crop sd)
+    ((0.301, 0.578, 0.642), (0.060, 0.032, 0.025), (0.091, 0.055, 0.052)),  # frost1: dark, cyan
+    ((0.777, 0.794, 0.831), (0.022, 0.024, 0.025), (0.076, 0.078, 0.081)),  # frost2: bright, white
+    ((0.777, 0.794, 0.831), (0.022, 0.024, 0.025), (0.076, 0.078, 0.081)),  # frost3 = frost2
+    ((0.568, 0.626, 0.677), (0.024, 0.024, 0.026), (0.102, 0.102, 0.107)),  # frost4
+    ((0.401, 0.445, 0.491), (0.048, 0.046, 0.043), (0.143, 0.141, 0.138)),  # frost5: gray, contrasty
+)
 
-    Stands in for the six frost photographs the script crops from: mean about 0.55-0.6, bluish white.
-    """
-    size = 1 << max(5, math.ceil(math.log2(max(height, width))))
-    haze = _plasma_fractal(batch, size, 2.0, generator, like)[:, None, :height, :width]
-    needles = None
+
+def _frost_pattern(batch, height, width, generator, like):
+    """Ice crystals [B, 1, H, W] with mean 0 and standard deviation 1 per image: bright needles in three
+    directions (about min(H, W) / 4 long) over a plasma haze."""
+    haze = _plasma_fractal(batch, height, width, 2.0, generator, like)[:, None]
+    texture_scale = min(height, width) / 32
     base_angle = _rand((batch,), generator, like) * 180
-    half_length = math.ceil(4 * scale)
+    half_length = math.ceil(4 * texture_scale)
     positions = torch.arange(-half_length, half_length + 1, dtype=torch.float64)
-    weights = torch.exp(-positions ** 2 / (2 * (2.5 * scale) ** 2))  # needles grow both ways from a seed
+    weights = torch.exp(-positions ** 2 / (2 * (2.5 * texture_scale) ** 2))  # needles grow both ways from a seed
+    needles = None
     for turn in (0, 60, 120):
         seeds = (_rand((batch, 1, height, width), generator, like) < 0.06).to(like.dtype)
         streak = _directional_blur(seeds, weights, base_angle + turn, positions)
         needles = streak if needles is None else torch.maximum(needles, streak)
     needles = needles / needles.amax((2, 3), keepdim=True).clamp_min(1e-6)
-    ice = (0.55 * haze + 0.9 * needles.sqrt()).clamp_(0, 1)
-    return ice * _constant((0.85, 0.93, 1.0), like)
+    ice = 0.55 * haze + 0.9 * needles.sqrt()
+    ice = ice - ice.mean((2, 3), keepdim=True)
+    return ice / ice.square().mean((2, 3), keepdim=True).sqrt().clamp_min(1e-6)
 
 
-_FROST = ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45))  # image weight, frost weight
+def _frost_layer(batch, height, width, generator, like):
+    """A procedural ice layer [B, 3, H, W] in [0, 1] with the colour statistics of the scripts' frost crops:
+    per image one of the five photographs' profiles, a crop-to-crop shift of its mean, and crystals."""
+    profiles = torch.tensor(_FROST_PHOTOS, dtype=like.dtype)  # [5, 3 (mean, between, within), 3 (RGB)]
+    choice = _randint(0, len(_FROST_PHOTOS), (batch,), generator, like)
+    profile = move(profiles, like.device)[choice]  # [B, 3, 3]
+    mean, between, within = (profile[:, row, :, None, None] for row in range(3))
+    shift = _randn((batch, 1, 1, 1), generator, like)
+    pattern = _frost_pattern(batch, height, width, generator, like)
+    return (mean + between * shift + within * pattern).clamp_(0, 1)
 
 
-def _frost(x, level, generator):
-    """weight * x + frost_weight * ice, with a procedural ice layer instead of the photographs."""
-    image_weight, frost_weight = _FROST[level]
+def _frost(x, setting, generator, scale):
+    """image_weight * x + frost_weight * ice, with a procedural ice layer instead of the photographs."""
+    image_weight, frost_weight = setting
     batch, _, height, width = x.shape
-    ice = _frost_texture(batch, height, width, _size_scale(x), generator, x)
+    ice = _frost_layer(batch, height, width, generator, x)
     return (x * image_weight).add_(ice, alpha=frost_weight).clamp_(0, 1)
 
 
-_FOG = ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75))  # strength, plasma wibble decay
-
-
-def _fog(x, level, generator):
+def _fog(x, setting, generator, scale):
     """Add a plasma fractal (one per image, shared by the channels), rescale by max / (max + strength)."""
-    strength, decay = _FOG[level]
+    strength, decay = setting
     batch, _, height, width = x.shape
-    size = 1 << max(5, math.ceil(math.log2(max(height, width))))  # the script's mapsize=32 at 32 px
-    plasma = _plasma_fractal(batch, size, decay, generator, x)[:, None, :height, :width]
+    plasma = _plasma_fractal(batch, height, width, decay, generator, x)[:, None]
     peak = x.amax((1, 2, 3), keepdim=True)
     return (x + strength * plasma).mul_(peak / (peak + strength)).clamp_(0, 1)
 
 
-_BRIGHTNESS = (0.05, 0.1, 0.15, 0.2, 0.3)
-
-
-def _brightness(x, level, generator):
+def _brightness(x, shift, generator, scale):
     """Add to the HSV value, clipped at 1 (skimage rgb2hsv/hsv2rgb): with hue and saturation fixed,
     RGB scales with the value, and black turns gray (its saturation is 0)."""
     value = x.amax(1, keepdim=True)
-    new_value = (value + _BRIGHTNESS[level]).clamp_(max=1)
+    new_value = (value + shift).clamp_(max=1)
     ratio = new_value / value.clamp_min(1e-12)
     return torch.where(value > 0, x * ratio, new_value).clamp_(0, 1)
 
 
-_SATURATE = ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2))  # saturation factor, offset
-
-
-def _saturate(x, level, generator):
+def _saturate(x, setting, generator, scale):
     """Scale and shift the HSV saturation (skimage's conversion: gray has hue 0, red)."""
-    factor, offset = _SATURATE[level]
+    factor, offset = setting
     value = x.amax(1, keepdim=True)
     spread = value - x.amin(1, keepdim=True)
     chromatic = spread > 0
@@ -339,23 +292,16 @@ def _saturate(x, level, generator):
     return torch.where(chromatic, colourful, from_gray).clamp_(0, 1)
 
 
-_CONTRAST = (0.75, 0.5, 0.4, 0.3, 0.15)
-
-
-def _contrast(x, level, generator):
+def _contrast(x, factor, generator, scale):
     """(x - mean) * factor + mean, with the mean of each channel of each image."""
     means = x.mean((2, 3), keepdim=True)
-    return (x - means).mul_(_CONTRAST[level]).add_(means).clamp_(0, 1)
+    return (x - means).mul_(factor).add_(means).clamp_(0, 1)
 
 
-# alpha, sigma, affine jitter, as fractions of the image size (the script multiplies them by IMSIZE = 32)
-_ELASTIC = ((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03))
-
-
-def _elastic_transform(x, level, generator):
+def _elastic_transform(x, setting, generator, scale):
     """Random affine (3 jittered points, cv2.warpAffine, reflect-101) then a smooth random
     displacement field (scipy map_coordinates, order 1, mode 'reflect')."""
-    alpha, sigma, jitter = (value * min(x.shape[-2:]) for value in _ELASTIC[level])
+    alpha, sigma, jitter = (value * scale for value in setting)
     point_shift = (2 * _rand((x.shape[0], 3, 2), generator, x) - 1) * jitter
     field = 2 * _rand((x.shape[0], 2, *x.shape[-2:]), generator, x) - 1
     return _elastic_apply(x, point_shift, field, alpha, sigma)
@@ -401,12 +347,8 @@ def _solve3(a, b):
     return adjugate @ b / determinant[..., None, None]
 
 
-_PIXELATE = (0.95, 0.9, 0.85, 0.75, 0.65)
-
-
-def _pixelate(x, level, generator):
+def _pixelate(x, factor, generator, scale):
     """PIL BOX resize to int(size * factor), then BOX back to the original size, in float."""
-    factor = _PIXELATE[level]
     height, width = x.shape[-2:]
     small_h, small_w = max(int(height * factor), 1), max(int(width * factor), 1)
     rows = _on_device(_pil_box_round_trip, (height, small_h), x.device, x.dtype)
@@ -414,10 +356,7 @@ def _pixelate(x, level, generator):
     return (rows @ x @ cols.T).clamp_(0, 1)
 
 
-_JPEG_QUALITY = (80, 65, 58, 50, 40)
-
-
-def _jpeg_compression(x, level, generator):
+def _jpeg_compression(x, quality, generator, scale):
     """JPEG round trip at the table's quality, per image (8-bit: the input is rounded to 1/255).
 
     CPU batches give PIL's round trip exactly (what the script runs; tests compare pixel for pixel):
@@ -435,18 +374,28 @@ def _jpeg_compression(x, level, generator):
     on the host: this is the one corruption that waits for the GPU (one device-to-host copy per call;
     with torchvision's encoder, which works on its own stream, also one wait before encoding).
     """
-    quality = _JPEG_QUALITY[level]
-    pixels = (x * 255).round_().clamp_(0, 255).to(torch.uint8)
-    if x.device.type == 'cuda':
-        decoded = _jpeg_round_trip_cuda(pixels, quality)
-    else:
-        host = pixels.cpu()
-        small = host.shape[-2] * host.shape[-1] <= _TORCHVISION_JPEG_MAX_PIXELS
-        codec = _torchvision_jpeg() if small else None
-        decoded = _jpeg_round_trip_pil(host, quality) if codec is None else _jpeg_round_trip_torchvision(
-            host, quality, *codec)
-        decoded = move(decoded, x.device)
-    return decoded.to(x.dtype).div_(255)
+    pixels = (x * 255).round_().clamp_(0, 255)
+    return _jpeg_round_trip(pixels, quality).to(x.dtype).div_(255)
+
+
+def _jpeg_round_trip(pixels, quality):
+    """JPEG round trip of images [B, C, H, W] holding whole levels 0..255 (any float or uint8 dtype), on
+    their device: uint8 [B, C, H, W]."""
+    pixels = pixels.to(torch.uint8)
+    if pixels.device.type == 'cuda':
+        return _jpeg_round_trip_cuda(pixels, quality)
+    host = pixels.cpu()
+    small = host.shape[-2] * host.shape[-1] <= _TORCHVISION_JPEG_MAX_PIXELS
+    codec = _torchvision_jpeg() if small else None
+    decoded = _jpeg_round_trip_pil(host, quality) if codec is None else _jpeg_round_trip_torchvision(
+        host, quality, *codec)
+    return move(decoded, pixels.device)
+
+
+def _published_save(x):
+    """The save of the published Tiny-ImageNet-C / ImageNet-C files: np.uint8 (truncation), then JPEG at
+    quality 85 (PIL's 4:2:0 on the CPU, nvJPEG's 4:4:4 on a GPU: see `_jpeg_compression`)."""
+    return _jpeg_round_trip(_as_uint8(x), _PUBLISHED_JPEG_QUALITY).to(x.dtype).div_(255)
 
 
 _TORCHVISION_JPEG_MAX_PIXELS = 128 * 128
@@ -526,23 +475,15 @@ def _cuda_jpeg_codec():
     return encode, decode, False
 
 
-_SPATTER = ((0.62, 0.1, 0.7, 0.7, 0.5, 0),  # mean, std, blur sigma, threshold, strength, mud
-            (0.65, 0.1, 0.8, 0.7, 0.5, 0),
-            (0.65, 0.3, 1, 0.69, 0.5, 0),
-            (0.65, 0.1, 0.7, 0.69, 0.6, 1),
-            (0.65, 0.1, 0.5, 0.68, 0.6, 1))
+def _spatter(x, setting, generator, scale):
+    """Water drops (severities 1-3) or mud (4-5) from thresholded, blurred noise, as the script.
 
-
-def _spatter(x, level, generator):
-    """Water drops (severities 1-3) or mud (4-5) from thresholded, blurred noise.
-
-    Mud follows the script. For water the script shades the drops with cv2 (Canny edges, distance
-    transform, histogram equalization, emboss); this uses the drop boundary as the edges and a
-    chamfer distance instead of cv2's, then the same equalize / emboss / 3 x 3 blur chain.
+    Water: the script's cv2 chain on the liquid layer's uint8 levels (`_canny`, `_chamfer_distance`,
+    truncation at 20 px, 3 x 3 box blurs, `_equalize_hist`, the emboss kernel, cv2's rounding and
+    saturation to uint8 between the steps), the drops shaded by it in pale turquoise.
     """
-    mean, std, blur, threshold, strength, mud = _SPATTER[level]
+    mean, std, blur, threshold, strength, mud = setting
     batch, _, height, width = x.shape
-    scale = _size_scale(x)
     liquid = _randn((batch, 1, height, width), generator, x).mul_(std).add_(mean)
     liquid = _gaussian_blur(liquid, blur * scale)
     liquid = torch.where(liquid < threshold, 0, liquid)
@@ -551,19 +492,17 @@ def _spatter(x, level, generator):
         cover = torch.where(cover < 0.8, 0, cover)
         brown = _constant((63 / 255, 42 / 255, 20 / 255), x)
         return (x * (1 - cover) + brown * cover).clamp_(0, 1)
-    drops = liquid > 0
-    limit = 20 * scale
-    distance = _edge_distance(drops & ~_erode(drops), limit)
+    levels = _as_uint8(liquid.clamp(max=1))
     box = torch.full((3, 3), 1 / 9, dtype=torch.float64)
-    distance = _correlate2d(distance, box, 'mirror')
-    # cv2 truncates the blurred distance to uint8. A plateau of equal distances averages to that very
-    # value, which float round-off (of either filter form) can put just below: floor it from 1e-4 above.
-    levels = distance.add_(1e-4).floor_().long().clamp_(0, math.ceil(limit))
-    shade = _equalize(levels, math.ceil(limit) + 1)
+    distance = _chamfer_distance(_canny(levels, 50, 150), 20 * scale)
+    # cv2.blur in float, then .astype(np.uint8); a plateau of equal distances averages to that very value,
+    # which float round-off can put just below: floor it from 1e-4 above.
+    shade = _correlate2d(distance, box, 'mirror').add_(1e-4).floor_().clamp_(0, 255)
+    shade = _equalize_hist(shade)
     emboss = torch.tensor([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], dtype=torch.float64)
-    shade = _correlate2d(shade, emboss, 'mirror').clamp_(0, 1)  # cv2.CV_8U saturates
-    shade = _correlate2d(shade, box, 'mirror').to(x.dtype)
-    wet = liquid * shade
+    shade = _correlate2d(shade, emboss, 'mirror').round_().clamp_(0, 255)  # filter2D to CV_8U
+    shade = _correlate2d(shade, box, 'mirror').round_()  # cv2.blur of uint8 rounds
+    wet = (levels * shade).to(x.dtype)
     wet = wet / wet.amax((2, 3), keepdim=True).clamp_min(1e-12) * strength
     turquoise = _constant((175 / 255, 238 / 255, 238 / 255), x)
     return (x + wet * turquoise).clamp_(0, 1)
@@ -606,7 +545,13 @@ def _check_corruption_name(name, argument='name'):
 
 def _check_severity(severity, argument='severity'):
     if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or not 1 <= severity <= 5:
-        raise ValueError(f"{argument}={severity!r} must be an integer from 1 to 5 (CIFAR-10-C's severities).")
+        raise ValueError(f"{argument}={severity!r} must be an integer from 1 to 5 (the benchmarks' severities).")
+
+
+def _check_published_jpeg(published_jpeg):
+    if not isinstance(published_jpeg, (bool, np.bool_)):
+        raise ValueError(f"published_jpeg={published_jpeg!r} must be True (the JPEG save of the published "
+                         f"Tiny-ImageNet-C / ImageNet-C files) or False.")
 
 
 def _check_images(x, argument='x'):
@@ -640,8 +585,15 @@ def _no_autocast(device):
     return contextlib.nullcontext()
 
 
-def corrupt(x, name, severity, generator=None):
-    """Corrupt images `x` (float [B, C, H, W] in [0, 1], C = 1 or 3) with CIFAR-10-C's `name` at `severity` 1-5.
+def corrupt(x, name, severity, generator=None, benchmark=None, published_jpeg=True):
+    """Corrupt images `x` (float [B, C, H, W] in [0, 1], C = 1 or 3) with corruption `name` at `severity` 1-5.
+
+    `benchmark`: whose tables and code, one of `BENCHMARKS`: 'cifar10-c' (32 px; CIFAR-100-C uses the
+    same), 'tiny-imagenet-c' (64 px) or 'imagenet-c' (224 px); lengths scale by min(H, W) / that size.
+    None chooses by the smaller image side: up to 48 px CIFAR-10-C, up to 128 px Tiny-ImageNet-C, else
+    ImageNet-C. `published_jpeg`: for Tiny-ImageNet-C and ImageNet-C, also the quality-85 JPEG save that
+    every published file went through (8-bit output); no effect for CIFAR-10-C, whose files were not
+    compressed.
 
     Returns a new tensor of the same shape, dtype and device, in [0, 1]; `x` is never modified.
     Every image draws its own noise; the same `generator` state gives the same output (with
@@ -650,19 +602,26 @@ def corrupt(x, name, severity, generator=None):
 
     CPU tensors with NaN or values outside [0, 1] raise a ValueError. On a GPU the values are not
     checked: reading one back would make every call wait for the GPU, which is what the GPU path
-    avoids (no corruption but `jpeg_compression` synchronizes); values there are clamped to [0, 1]
-    and NaN stays NaN. `evaluate_robustness` checks every batch once, on any device.
+    avoids (no corruption synchronizes but the JPEG round trips: `jpeg_compression` and the published
+    save); values there are clamped to [0, 1] and NaN stays NaN. `evaluate_robustness` checks every batch
+    once, on any device.
     """
     _check_corruption_name(name)
     _check_severity(severity)
     _check_images(x)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}.")
+    _check_published_jpeg(published_jpeg)
+    chosen = get_benchmark(benchmark, *x.shape[-2:])
     images = x.detach().as_subclass(torch.Tensor)
     work_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
     images = images.to(work_dtype).clamp(0, 1)  # a new tensor: the kernels may work in place on it
     if images.shape[0] == 0:
         return images.to(x.dtype)
+    setting = chosen.setting(name, int(severity))
+    scale = min(images.shape[-2:]) / chosen.native_size
     with torch.no_grad(), _no_autocast(images.device):
-        out = _CORRUPTION_FUNCTIONS[name](images, int(severity) - 1, generator)
+        out = _CORRUPTION_FUNCTIONS[name](images, setting, generator, scale)
+        if published_jpeg and chosen.saved_as_jpeg:
+            out = _published_save(out)
     return out.to(x.dtype)

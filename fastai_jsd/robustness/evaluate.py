@@ -15,9 +15,12 @@ import torch.nn.functional as F
 
 from fastai_jsd._device import move
 from fastai_jsd.pixels import decode, encode, normalize_stats
+from fastai_jsd.robustness.benchmarks import (ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS, benchmark_for_size,
+                                              check_benchmark, get_benchmark)
 from fastai_jsd.robustness.calibration import calibration_error
 from fastai_jsd.robustness.corruptions import (_MOVES_PIXELS, CORRUPTIONS, SEGMENTATION_CORRUPTIONS,
-                                               _check_corruption_name, _check_severity, corrupt)
+                                               _check_corruption_name, _check_published_jpeg, _check_severity,
+                                               corrupt)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -38,6 +41,13 @@ class RobustnessResult:
       sum_s (baseline error - baseline clean error): how much accuracy is lost to corruption,
       relative to the baseline (nan where the baseline loses none).
     - `baseline`: the baseline's own result, or None.
+    - `benchmark`: whose corruptions ('cifar10-c', 'tiny-imagenet-c' or 'imagenet-c'), and
+      `published_jpeg`: whether they included the published files' JPEG save.
+    - `alexnet_mce`, `alexnet_relative_mce` ('imagenet-c' only, else None): the mCE and relative mCE
+      of the ImageNet-C paper, in percent: per corruption, sum_s error / sum_s AlexNet's error (and
+      sum_s (error - clean error) / sum_s (AlexNet's error - AlexNet's clean error)), averaged over
+      the 15 `CORRUPTIONS` evaluated at all five severities (`ALEXNET_ERRORS`); the numbers ImageNet-C
+      papers report (AugMix: ResNet-50 76.7 standard, 65.3 AugMix).
     """
     table: pd.DataFrame
     clean_error: float
@@ -47,6 +57,10 @@ class RobustnessResult:
     mce: float | None = None
     relative_mce: float | None = None
     baseline: RobustnessResult | None = None
+    benchmark: str | None = None
+    published_jpeg: bool | None = None
+    alexnet_mce: float | None = None
+    alexnet_relative_mce: float | None = None
 
     task: ClassVar[str] = 'classification'
     error_column: ClassVar[str] = 'error'
@@ -61,7 +75,8 @@ class RobustnessResult:
         return dict(clean_error=self.clean_error, clean_calibration=self.clean_calibration,
                     mean_corruption_error=self.mean_corruption_error,
                     corrupted_calibration=self.corrupted_calibration,
-                    mce=self.mce, relative_mce=self.relative_mce)
+                    mce=self.mce, relative_mce=self.relative_mce,
+                    alexnet_mce=self.alexnet_mce, alexnet_relative_mce=self.alexnet_relative_mce)
 
     def __repr__(self):
         return _result_repr(self)
@@ -80,6 +95,7 @@ class SegmentationRobustnessResult:
     - `mean_corruption_error`, `mean_corrupted_iou`: the means over the table's rows.
     - `mce`, `relative_mce`: against a baseline, as for classification, on pixel error.
     - `baseline`: the baseline's own result, or None.
+    - `benchmark`, `published_jpeg`: whose corruptions, as for classification.
     """
     table: pd.DataFrame
     clean_error: float
@@ -89,6 +105,8 @@ class SegmentationRobustnessResult:
     mce: float | None = None
     relative_mce: float | None = None
     baseline: SegmentationRobustnessResult | None = None
+    benchmark: str | None = None
+    published_jpeg: bool | None = None
 
     task: ClassVar[str] = 'segmentation'
     error_column: ClassVar[str] = 'pixel_error'
@@ -112,8 +130,17 @@ _RESULT_TYPES = (RobustnessResult, SegmentationRobustnessResult)
 
 
 def _result_repr(result):
-    parts = [f"{key}={value:.4f}" for key, value in result.summary().items() if value is not None]
+    parts = [f"benchmark={_benchmark_label(result)}"] if result.benchmark is not None else []
+    parts += [f"{key}={value:.4f}" for key, value in result.summary().items() if value is not None]
     return f"{type(result).__name__}({', '.join(parts)}, table: {len(result.table)} rows)"
+
+
+def _benchmark_label(result):
+    """'ImageNet-C (published JPEG)' and the like: the benchmark's title and how its images were saved."""
+    chosen = get_benchmark(result.benchmark, 0, 0)
+    if not chosen.saved_as_jpeg:
+        return chosen.title
+    return f"{chosen.title} ({'published JPEG' if result.published_jpeg else 'no JPEG save'})"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -279,6 +306,48 @@ def _compare(result, baseline):
     return result
 
 
+def _alexnet_scores(table, clean_error):
+    """(mCE, relative mCE) in percent, normalised by AlexNet as in the ImageNet-C paper, over the 15
+    CORRUPTIONS evaluated at all five severities of a classification `table`; (None, None) if none was.
+
+    AlexNet's published numbers are means over severities 1-5, so sum_s AlexNet error = 5 x the mean.
+    """
+    ce, relative = [], []
+    for name, rows in table.groupby('corruption', sort=False):
+        if name not in ALEXNET_ERRORS or sorted(rows.severity) != [1, 2, 3, 4, 5]:
+            continue
+        alexnet = 5 * ALEXNET_ERRORS[name]
+        ce.append(rows.error.sum() / alexnet)
+        relative.append((rows.error.sum() - 5 * clean_error) / (alexnet - 5 * ALEXNET_CLEAN_ERROR))
+    if not ce:
+        return None, None
+    return 100 * float(np.mean(ce)), 100 * float(np.mean(relative))
+
+
+def _record_benchmark(result, options):
+    """Put which benchmark made `result` on it, and for ImageNet-C classification the AlexNet-normalised mCE."""
+    result.benchmark, result.published_jpeg = options['benchmark'], options['published_jpeg']
+    if result.task == 'classification' and result.benchmark == 'imagenet-c':
+        result.alexnet_mce, result.alexnet_relative_mce = _alexnet_scores(result.table, result.clean_error)
+    return result
+
+
+def _benchmark_options(benchmark, published_jpeg, images, baseline):
+    """The `corrupt` options of this evaluation: the benchmark (chosen by the first batch's image size for
+    None) and published_jpeg; a baseline result must come from the same ones."""
+    options = dict(benchmark=benchmark if benchmark is not None else benchmark_for_size(*images.shape[-2:]),
+                   published_jpeg=bool(published_jpeg))
+    if isinstance(baseline, _RESULT_TYPES) and baseline.benchmark is not None:
+        same_jpeg = (baseline.published_jpeg == options['published_jpeg']
+                     or not get_benchmark(options['benchmark'], 0, 0).saved_as_jpeg)
+        if baseline.benchmark != options['benchmark'] or not same_jpeg:
+            raise ValueError(f"baseline was evaluated on {_benchmark_label(baseline)}, this evaluation uses "
+                             f"benchmark={options['benchmark']!r}, published_jpeg={options['published_jpeg']}; "
+                             f"errors are only comparable on the same corrupted images: pass the same benchmark "
+                             f"and published_jpeg (or the baseline Learner).")
+    return options
+
+
 # ---------------------------------------------------------------------------------------------------
 # evaluate_robustness
 
@@ -431,7 +500,8 @@ def _check_batch(batch_index, pixel_flags, targets, task, n_classes, ignore_inde
 
 
 def evaluate_robustness(learn, dl=None, corruptions=None, severities=(1, 2, 3, 4, 5), baseline=None,
-                        *, generator=None, show_progress=True, ignore_index=None):
+                        *, generator=None, show_progress=True, ignore_index=None, benchmark=None,
+                        published_jpeg=True):
     """Error of `learn`'s model on its validation set (or `dl`), clean and under every corruption x
     severity: a `RobustnessResult` for classification, a `SegmentationRobustnessResult` for segmentation.
 
@@ -442,15 +512,23 @@ def evaluate_robustness(learn, dl=None, corruptions=None, severities=(1, 2, 3, 4
     result) adds `mce` and `relative_mce`. `generator` seeds the corruptions (None: torch's global
     RNG; on a GPU pass a generator on the GPU, so that the draws are made there).
 
+    `benchmark`: whose corruptions, 'cifar10-c', 'tiny-imagenet-c' or 'imagenet-c' (the tables and code of
+    each generator script; lengths scale with min(H, W) / its native 32, 64 or 224 px); None chooses by
+    the first batch's smaller image side (up to 48 px CIFAR-10-C, up to 128 px Tiny-ImageNet-C, else
+    ImageNet-C). `published_jpeg` adds the quality-85 JPEG save every published Tiny-ImageNet-C and
+    ImageNet-C file went through (see `corrupt`). The result says which (`result.benchmark`); with
+    'imagenet-c' it also carries the AlexNet-normalised `alexnet_mce` that ImageNet-C papers report.
+
     The task follows the labels. Class indices [B]: top-1 error and RMS calibration error
     (`corruptions` default `CORRUPTIONS`). Masks [B, H, W] with a model returning [B, n_classes, H, W]
     (e.g. `unet_learner` on `SegmentationDataLoaders`): pixel error and mean IoU, pixels labelled
     `ignore_index` left out (default: the loss function's `ignore_index`, else -100). Segmentation uses
     only corruptions that keep image content in place, `SEGMENTATION_CORRUPTIONS` by default: the 15
-    of CIFAR-10-C but `elastic_transform` (a warp) and `zoom_blur` (zooms about the centre, moving
-    content outwards by up to 12.5% of the image size); passing either is a ValueError. `glass_blur`
-    stays: its local pixel shuffles have no direction and move content by about as much as the
-    Gaussian blurs around them; `motion_blur` stays: the sharpest copy is the unmoved one, the others
+    corruptions but `elastic_transform` (a warp) and `zoom_blur` (zooms about the centre, moving
+    content outwards by up to 12.5% of the image size, 15% for ImageNet-C); passing either is a
+    ValueError. `glass_blur` stays: its local pixel copies (the scripts' loop copies from up and left)
+    shift content by 0.5-0.9 px per sweep on average, 1-3 sweeps, at the benchmark's size: about as far as
+    the Gaussian blurs around them spread it; `motion_blur` stays: the sharpest copy is the unmoved one, the others
     trail in one direction as any blur kernel spreads content (pixel-moving corruptions are what
     segmentation robustness benchmarks such as Cityscapes-C leave out).
 
@@ -462,13 +540,15 @@ def evaluate_robustness(learn, dl=None, corruptions=None, severities=(1, 2, 3, 4
     """
     _check_learner(learn)
     corruptions, severities = _check_evaluation_args(corruptions, severities, baseline)
+    check_benchmark(benchmark)
+    _check_published_jpeg(published_jpeg)
     ignore_index = _ignore_index(learn, ignore_index)
     dl = _evaluation_loader(learn, dl)
     runners = [_ModelRunner(learn, dl)]
     if baseline is not None and not isinstance(baseline, _RESULT_TYPES):
         runners.append(_ModelRunner(baseline, dl))
     modes = [runner.model.training for runner in runners]
-    task, conditions, stats, bar = None, None, None, None
+    task, conditions, stats, bar, options = None, None, None, None, None
     try:
         for runner in runners:
             runner.model.eval()
@@ -477,6 +557,7 @@ def evaluate_robustness(learn, dl=None, corruptions=None, severities=(1, 2, 3, 4
                 images, targets, batch_task = _batch_tensors(batch, getattr(dl, 'n_inp', 1))
                 if task is None:  # the first batch decides the task, before any work
                     task, conditions = batch_task, _conditions(batch_task, corruptions, severities)
+                    options = _benchmark_options(benchmark, published_jpeg, images, baseline)
                     _prepare_records(runners, task, baseline, ignore_index)
                     stats = normalize_stats(dl, images.device)
                     bar = _progress_bar(len(dl) * len(conditions)) if show_progress else None
@@ -484,16 +565,20 @@ def evaluate_robustness(learn, dl=None, corruptions=None, severities=(1, 2, 3, 4
                     raise ValueError(f"batch {batch_index} has {batch_task} labels after {task} ones.")
                 pixels = move(decode(images, stats), runners[0].device)
                 targets = move(targets, runners[0].device)
-                _evaluate_batch(batch_index, runners, pixels, targets, conditions, generator, ignore_index, bar)
+                _evaluate_batch(batch_index, runners, pixels, targets, conditions, generator, ignore_index, bar,
+                                options)
     finally:
         for runner, training in zip(runners, modes):
             runner.model.train(training)
         if bar is not None and bar.last_v != bar.total:
             bar.on_iter_end()
-    result = runners[0].records.result(conditions)
+    result = _record_benchmark(runners[0].records.result(conditions), options)
     if baseline is None:
         return result
-    base_result = baseline if isinstance(baseline, _RESULT_TYPES) else runners[1].records.result(conditions)
+    if isinstance(baseline, _RESULT_TYPES):
+        base_result = baseline
+    else:
+        base_result = _record_benchmark(runners[1].records.result(conditions), options)
     return _compare(result, base_result)
 
 
@@ -513,7 +598,7 @@ def _progress_bar(total):
     return bar
 
 
-def _evaluate_batch(batch_index, runners, pixels, targets, conditions, generator, ignore_index, bar):
+def _evaluate_batch(batch_index, runners, pixels, targets, conditions, generator, ignore_index, bar, options):
     """Record every runner's outputs on the clean and on every corrupted version of one batch."""
     pixel_flags = _pixel_flags(pixels)
     pixels.clamp_(0, 1)  # only the decode's float error, within _PIXEL_TOLERANCE: more is refused below
@@ -524,7 +609,7 @@ def _evaluate_batch(batch_index, runners, pixels, targets, conditions, generator
     for runner, out in zip(runners, clean):
         runner.records.add('clean', out, move(targets, out.device))
     for done, (name, severity) in enumerate(conditions, batch_index * len(conditions) + 1):
-        corrupted = corrupt(pixels, name, severity, generator)
+        corrupted = corrupt(pixels, name, severity, generator, **options)
         for runner in runners:
             out = runner.forward(corrupted)
             runner.records.add((name, severity), out, move(targets, out.device))
@@ -537,7 +622,12 @@ def plot_corruption_errors(results, ax=None, title=None):
     more models: top-1 error for classifiers, pixel error for segmentation.
 
     `results`: a `RobustnessResult` / `SegmentationRobustnessResult` or a dict {model name: result}, all
-    of one kind. `title` replaces the default one. Returns the matplotlib Axes.
+    of one kind. The default title names the benchmark the corruptions came from (e.g. "ImageNet-C
+    (published JPEG)"); `title` replaces it. Drawn on `ax`, or on a new 12 x 4 inch figure.
+
+    Returns the matplotlib `Axes` drawn on: one group of bars per condition ('clean', then the
+    corruptions in the order evaluated), one bar per model, a legend with the model names, the y axis
+    in percent. Save it with `ax.figure.savefig(path)`.
     """
     import matplotlib.pyplot as plt
     if isinstance(results, _RESULT_TYPES):
@@ -564,8 +654,10 @@ def plot_corruption_errors(results, ax=None, title=None):
     ax.set_xticklabels([name.replace('_', ' ') for name in names], rotation=45, ha='right')
     severities = sorted({int(s) for r in results.values() for s in r.table.severity})
     ax.set_ylabel(f'{kind.error_label} (%)')
+    benchmarks = list(dict.fromkeys(_benchmark_label(r) for r in results.values() if r.benchmark is not None))
+    source = f" ({', '.join(benchmarks)})" if benchmarks else ''
     ax.set_title(title if title is not None else
-                 f'{kind.error_label.capitalize()} (%) per corruption, clean and mean over severities '
+                 f'{kind.error_label.capitalize()} (%) per corruption{source}, clean and mean over severities '
                  f'{_severity_span(severities)} (lower is better)')
     ax.legend()
     return ax

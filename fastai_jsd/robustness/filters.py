@@ -1,5 +1,5 @@
 """Filters and signal helpers the corruptions are built from, with the border conventions of
-scipy.ndimage, cv2, ImageMagick and PIL that make_cifar_c.py relies on.
+scipy.ndimage, cv2, ImageMagick and PIL that the generator scripts (make_cifar_c.py and its siblings) rely on.
 
 Separable blurs are one matmul with a band matrix per axis, zooms one `grid_sample`. 2-D and motion-blur
 kernels are grouped convolutions and per-tap gathers on the CPU while those are cheaper (small images and
@@ -47,6 +47,13 @@ def _randn(shape, generator, like):
     if generator is None:
         return torch.randn(shape, dtype=like.dtype, device=like.device)
     return move(torch.randn(shape, generator=generator, dtype=like.dtype, device=generator.device), like.device)
+
+
+def _randint(low, high, shape, generator, like):
+    """Integers uniform in [low, high) of `shape` (int64) on `like`'s device."""
+    if generator is None:
+        return torch.randint(low, high, shape, device=like.device)
+    return move(torch.randint(low, high, shape, generator=generator, device=generator.device), like.device)
 
 
 def _poisson(rates, generator):
@@ -195,15 +202,15 @@ def _clipped_zoom(x, zoom):
 
 
 def _zoom_axis(size, zoom):
-    """Where `_clipped_zoom` samples along one axis, in grid_sample's align_corners=True coordinates."""
+    """Where `_clipped_zoom` samples along one axis (zoom >= 1), in grid_sample's align_corners=True coordinates."""
+    if zoom < 1:
+        raise ValueError(f"_clipped_zoom needs a zoom of at least 1, got {zoom}")
     crop = math.ceil(size / zoom)
     zoomed = int(round(crop * zoom))
     trim = (zoomed - size) // 2
-    # The pixels the script's crop slice takes: below 32 px, snow's zoom * scale can drop under 1,
-    # and a crop larger than the image is then cut to it.
-    taken = range(size)[(size - crop) // 2:(size - crop) // 2 + crop]
-    step = (len(taken) - 1) / (zoomed - 1) if zoomed > 1 else 0.0
-    source = taken.start + (torch.arange(size, dtype=torch.float64) + trim) * step
+    start = (size - crop) // 2  # the script's crop slice
+    step = (crop - 1) / (zoomed - 1) if zoomed > 1 else 0.0
+    source = start + (torch.arange(size, dtype=torch.float64) + trim) * step
     return source * (2 / (size - 1)) - 1
 
 
@@ -280,31 +287,154 @@ def _tap_offsets(degrees, positions, device):
     return offset_x, offset_y
 
 
-def _plasma_fractal(batch, size, decay, generator, like):
-    """The script's diamond-square `plasma_fractal`, one map per image: [B, size, size] in [0, 1]."""
-    maps = torch.zeros(batch, size, size, dtype=like.dtype, device=like.device)
-    step, wibble = size, 100.0
+def _plasma_fractal(batch, height, width, decay, generator, like):
+    """The script's diamond-square `plasma_fractal`, one map per image, cropped to [B, height, width] in [0, 1].
 
-    def wibbled_mean(total):
-        # The script draws wibble * U(-wibble, wibble); kept, since it sets how fast detail fades.
-        return total / 4 + wibble * wibble * (2 * _rand(total.shape, generator, like) - 1)
+    The map is the script's: a square of side `mapsize` = the power of two covering the image (32, 64 and
+    256 for the three benchmarks' 32, 64 and 224 px), cropped to the image's top-left corner. Where the map
+    has at most 4 x H x W cells it is computed whole and normalised over the whole map, as the script does;
+    for elongated images (say 8 x 4096, whose map has 4096^2 cells) only the cells that the image's
+    corner depends on are computed, and normalised over the image: memory grows with H x W, not max(H, W)^2.
+    """
+    mapsize = 1 << max(1, math.ceil(math.log2(max(height, width))))
+    whole = mapsize * mapsize <= 4 * height * width
+    rows, cols = (mapsize, mapsize) if whole else (height, width)
 
+    def draw(shape, level, row_index, col_index):
+        return 2 * _rand(shape, generator, like) - 1
+
+    if whole:
+        maps = _plasma_torus(batch, mapsize, decay, draw, like)
+    else:
+        maps = _plasma_window(batch, rows, cols, mapsize, decay, draw, like)
+    maps = maps - maps.amin((1, 2), keepdim=True)
+    maps = maps / maps.amax((1, 2), keepdim=True)
+    return maps[:, :height, :width]
+
+
+def _plasma_torus(batch, mapsize, decay, draw, like):
+    """The script's whole diamond-square map [B, mapsize, mapsize] (not normalised), with its np.roll steps:
+    fewer and simpler steps than `_plasma_window` where the whole map is wanted. `draw` as there."""
+    maps = torch.zeros(batch, mapsize, mapsize, dtype=like.dtype, device=like.device)
+    step, wibble, level = mapsize, 100.0, 0
     while step >= 2:
         half = step // 2
+        coarse = torch.arange(0, mapsize, step) // half  # torus indices at the fine spacing
         corners = maps[:, 0::step, 0::step]
         square = corners + corners.roll(-1, dims=1)
         square = square + square.roll(-1, dims=2)
-        maps[:, half::step, half::step] = wibbled_mean(square)
+        noise = draw(square.shape, level, move(coarse + 1, like.device), move(coarse + 1, like.device))
+        maps[:, half::step, half::step] = square / 4 + wibble * wibble * noise
         centres = maps[:, half::step, half::step]
         corners = maps[:, 0::step, 0::step]
         left_right = centres + centres.roll(1, dims=1) + corners + corners.roll(-1, dims=2)
-        maps[:, 0::step, half::step] = wibbled_mean(left_right)
+        noise = draw(left_right.shape, level, move(coarse, like.device), move(coarse + 1, like.device))
+        maps[:, 0::step, half::step] = left_right / 4 + wibble * wibble * noise
         top_bottom = centres + centres.roll(1, dims=2) + corners + corners.roll(-1, dims=1)
-        maps[:, half::step, 0::step] = wibbled_mean(top_bottom)
-        step //= 2
+        noise = draw(top_bottom.shape, level, move(coarse + 1, like.device), move(coarse, like.device))
+        maps[:, half::step, 0::step] = top_bottom / 4 + wibble * wibble * noise
+        step, wibble, level = half, wibble / decay, level + 1
+    return maps
+
+
+def _plasma_window(batch, rows, cols, mapsize, decay, draw, like):
+    """Cells [0, rows) x [0, cols) of the script's diamond-square map (not normalised): [B, rows, cols].
+
+    The map is a torus (the script's np.roll). Each level halves the grid spacing: squares (the centres of
+    the grid's cells) average their four corners, diamonds (edge midpoints) their two squares and two
+    corners, each plus wibble * U(-wibble, wibble); wibble starts at 100 and is divided by `decay` per level.
+    Every level computes only the torus window (per axis) that the finer levels need, found backwards from
+    the requested cells; the noise comes from `draw(shape, row_index, col_index)` (U(-1, 1) values for the
+    `level` at the fine grid's torus indices given: tests replace the random draw by a function of them).
+    """
+    levels = int(math.log2(mapsize))
+    row_windows = _plasma_windows(rows, mapsize, levels)
+    col_windows = _plasma_windows(cols, mapsize, levels)
+    device = like.device
+    corners = torch.zeros(batch, 1, 1, dtype=like.dtype, device=device)  # the one corner at spacing mapsize
+    wibble = 100.0
+    for level in range(levels):
+        period = 1 << level  # grid points per axis before this level
+        (corner_r, half_r, fine_r), (corner_c, half_c, fine_c) = row_windows[level], col_windows[level]
+        index_r = _plasma_indices(corner_r, half_r, fine_r, period, device)
+        index_c = _plasma_indices(corner_c, half_c, fine_c, period, device)
+        # Squares on the half-point window: the mean of their four corners.
+        (r0, r1), (c0, c1) = index_r['square_corners'], index_c['square_corners']
+        top, bottom = corners.index_select(1, r0), corners.index_select(1, r1)
+        total = (top.index_select(2, c0) + bottom.index_select(2, c0) + top.index_select(2, c1)
+                 + bottom.index_select(2, c1))
+        squares = total / 4 + wibble * wibble * draw(total.shape, level, 2 * index_r['half'] + 1,
+                                                      2 * index_c['half'] + 1)
+        fine = _plasma_fine(corners, squares, index_r, index_c)
+        noise = draw(fine['shape'], level, index_r['fine'], index_c['fine'])
+        diamonds = fine['diamond_sum'] / 4 + wibble * wibble * noise
+        corners = torch.where(fine['is_corner'], fine['corner'],
+                              torch.where(fine['is_square'], fine['square'], diamonds))
         wibble /= decay
-    maps = maps - maps.amin((1, 2), keepdim=True)
-    return maps / maps.amax((1, 2), keepdim=True)
+    return corners
+
+
+def _plasma_windows(size, mapsize, levels):
+    """Per level (coarse to fine), the torus windows (start, length) of the corners it reads, the squares it
+    makes and the fine grid it leaves, so that the finest grid covers [0, size); a window as long as the
+    torus is the whole torus."""
+    windows = []
+    fine = (0, size)
+    for level in reversed(range(levels)):
+        period = 1 << level
+        start, length = fine
+        first = -(-start // 2) - 1  # ceil(start / 2) - 1: the square left of an even fine index
+        last = (start + length - 1) // 2
+        half = (first, last - first + 1) if last - first + 1 < period else (0, period)
+        corner = (first, last - first + 2) if last - first + 2 < period else (0, period)
+        windows.append((corner, half, fine))
+        fine = corner
+    return windows[::-1]
+
+
+def _plasma_indices(corner, half, fine, period, device):
+    """Index tensors along one axis for one level: positions in the corner and square windows of the
+    corners and squares each fine index reads, with the fine indices' parities."""
+    def position(index, window):
+        start, length = window
+        return torch.remainder(index - start, period).clamp_(max=length - 1)
+
+    half_index = torch.remainder(torch.arange(half[1]) + half[0], period)
+    fine_index = torch.arange(fine[1]) + fine[0]  # torus indices at the fine spacing (period 2 * period)
+    floor_half, ceil_half = torch.div(fine_index, 2, rounding_mode='floor'), -torch.div(-fine_index, 2,
+                                                                                         rounding_mode='floor')
+    indices = {
+        'square_corners': (position(half_index, corner), position(half_index + 1, corner)),
+        'half': half_index,
+        'fine': torch.remainder(fine_index, 2 * period),
+        'odd': torch.remainder(fine_index, 2) == 1,
+        'corner0': position(floor_half, corner),
+        'corner1': position(floor_half + 1, corner),
+        'half0': position(ceil_half - 1, half),
+        'half1': position(floor_half, half),
+    }
+    return {key: (tuple(move(v, device) for v in value) if isinstance(value, tuple) else move(value, device))
+            for key, value in indices.items()}
+
+
+def _plasma_fine(corners, squares, index_r, index_c):
+    """The fine grid's corners, squares and diamond sums, each computed on every fine cell, and the masks
+    saying which one a cell is."""
+    def pick(values, rows, cols):
+        return values.index_select(1, rows).index_select(2, cols)
+
+    odd_r, odd_c = index_r['odd'][:, None], index_c['odd'][None, :]
+    corner = pick(corners, index_r['corner0'], index_c['corner0'])
+    square = pick(squares, index_r['half0'], index_c['half0'])
+    # Even row, odd column: the squares above and below, the corners left and right.
+    across = (square + pick(squares, index_r['half1'], index_c['half0'])
+              + corner + pick(corners, index_r['corner0'], index_c['corner1']))
+    # Odd row, even column: the squares left and right, the corners above and below.
+    down = (square + pick(squares, index_r['half0'], index_c['half1'])
+            + corner + pick(corners, index_r['corner1'], index_c['corner0']))
+    return dict(shape=corner.shape, corner=corner, square=square,
+                diamond_sum=torch.where(odd_c, across, down),
+                is_corner=~odd_r & ~odd_c, is_square=odd_r & odd_c)
 
 
 def _pil_box_round_trip(size, small):
@@ -330,31 +460,88 @@ def _pil_box_matrix(in_size, out_size):
     return torch.from_numpy(matrix)
 
 
-def _erode(mask):
-    """3 x 3 binary erosion of a bool mask [B, 1, H, W] (outside counts as inside)."""
-    return -F.max_pool2d(-mask.to(torch.float32), 3, stride=1, padding=1) > 0.5
+# cv2.Canny's gradient directions in fixed point: tan(22.5 degrees) * 2^15 (imgproc/src/canny.cpp).
+_CANNY_SHIFT = 15
+_CANNY_TG22 = int(0.4142135623730950488016887242097 * (1 << _CANNY_SHIFT) + 0.5)
 
 
-def _edge_distance(edges, limit):
-    """Chamfer distance (1 straight, sqrt 2 diagonal) to the nearest edge pixel, capped at `limit`."""
-    distance = torch.where(edges, 0.0, float(limit)).to(torch.float32)
+def _canny(levels, low, high, rounds=None):
+    """cv2.Canny(image, low, high) of integer levels [B, 1, H, W] (0..255): a bool edge map.
+
+    As canny.cpp: 3 x 3 Sobel gradients (border replicated), L1 magnitude, non-maximum suppression
+    along the gradient direction quantized to 0, 45, 90, 135 degrees (its fixed-point tests and its
+    tie rules), then hysteresis: candidates (magnitude > low, local maximum) 8-connected to a strong
+    one (magnitude > high) are edges. The hysteresis grows the edges one pixel per round: on the CPU
+    until nothing changes, on a GPU `rounds` times (default 16) without waiting for it.
+    """
+    padded = F.pad(levels.to(torch.float32), (1, 1, 1, 1), mode='replicate')
+    sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=levels.device)
+    dx = F.conv2d(padded, sobel[None, None]).round_().to(torch.int32)  # exact: small integers in float32
+    dy = F.conv2d(padded, sobel.T.contiguous()[None, None]).round_().to(torch.int32)
+    magnitude = dx.abs() + dy.abs()
+    around = F.pad(magnitude, (1, 1, 1, 1))  # zero outside the image, as canny.cpp's magnitude rows
+    height, width = magnitude.shape[-2:]
+
+    def neighbour(row, col):
+        return around[..., 1 + row:1 + row + height, 1 + col:1 + col + width]
+
+    x, y = dx.abs(), dy.abs() << _CANNY_SHIFT
+    tg22x = x * _CANNY_TG22
+    tg67x = tg22x + (x << (_CANNY_SHIFT + 1))
+    horizontal = y < tg22x
+    vertical = ~horizontal & (y > tg67x)
+    same_sign = (dx < 0) == (dy < 0)
+    diagonal_up = torch.where(same_sign, neighbour(-1, -1), neighbour(-1, 1))
+    diagonal_down = torch.where(same_sign, neighbour(1, 1), neighbour(1, -1))
+    local_maximum = torch.where(
+        horizontal, (magnitude > neighbour(0, -1)) & (magnitude >= neighbour(0, 1)),
+        torch.where(vertical, (magnitude > neighbour(-1, 0)) & (magnitude >= neighbour(1, 0)),
+                    (magnitude > diagonal_up) & (magnitude > diagonal_down)))
+    candidate = local_maximum & (magnitude > low)
+    edges = candidate & (magnitude > high)
+    if rounds is None and not _on_host(levels):
+        rounds = 16
+    for _ in range(rounds if rounds is not None else height * width):
+        grown = candidate & (F.max_pool2d(edges.to(torch.float32), 3, stride=1, padding=1) > 0)
+        if rounds is None and torch.equal(grown, edges):
+            break
+        edges = grown
+    return edges
+
+
+# cv2.distanceTransform(DIST_L2, 5)'s chamfer weights: 1 straight, 1.4 diagonal, 2.1969 a knight's move.
+_CHAMFER_5 = tuple((dy, dx, {1: 1.0, 2: 1.4, 5: 2.1969}[dy * dy + dx * dx])
+                   for dy in range(-2, 3) for dx in range(-2, 3) if dy * dy + dx * dx in (1, 2, 5))
+
+
+def _chamfer_distance(edges, limit):
+    """cv2.distanceTransform(non-edges, DIST_L2, 5) truncated at `limit`: the cheapest path to an edge
+    pixel with steps of the 5 x 5 chamfer mask, relaxed ceil(limit) times (every step costs at least 1)."""
+    far = float(limit) + 3
+    distance = torch.where(edges, 0.0, far).to(torch.float32)
+    height, width = distance.shape[-2:]
     for _ in range(math.ceil(limit)):
-        padded = F.pad(distance, (1, 1, 1, 1), value=float(limit))
-        straight = torch.minimum(torch.minimum(padded[..., :-2, 1:-1], padded[..., 2:, 1:-1]),
-                                 torch.minimum(padded[..., 1:-1, :-2], padded[..., 1:-1, 2:]))
-        diagonal = torch.minimum(torch.minimum(padded[..., :-2, :-2], padded[..., :-2, 2:]),
-                                 torch.minimum(padded[..., 2:, :-2], padded[..., 2:, 2:]))
-        distance = torch.minimum(distance, torch.minimum(straight + 1, diagonal + math.sqrt(2)))
+        padded = F.pad(distance, (2, 2, 2, 2), value=far)
+        best = distance
+        for dy, dx, weight in _CHAMFER_5:
+            best = torch.minimum(best, padded[..., 2 + dy:2 + dy + height, 2 + dx:2 + dx + width] + weight)
+        distance = best
     return distance.clamp_(max=limit)
 
 
-def _equalize(levels, bins):
-    """cv2.equalizeHist of integer `levels` [B, 1, H, W] in 0..bins-1, mapped to [0, 1]."""
+def _equalize_hist(levels):
+    """cv2.equalizeHist of integer levels [B, 1, H, W] (0..255): levels 0..255 as float.
+
+    Its lookup table: 0 for the lowest level present, then round(255 * (count up to the level - count of
+    the lowest) / (pixels - count of the lowest)); an image of one level stays as it is.
+    """
     batch = levels.shape[0]
-    flat = levels.reshape(batch, -1)
-    counts = torch.zeros(batch, bins, dtype=torch.float32, device=levels.device)
-    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    flat = levels.reshape(batch, -1).long()
+    counts = torch.zeros(batch, 256, dtype=torch.float64, device=levels.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64))
     cdf = counts.cumsum(1)
-    first = torch.where(counts > 0, cdf, cdf[:, -1:]).amin(1, keepdim=True)
-    lut = ((cdf - first) / (cdf[:, -1:] - first).clamp_min(1)).clamp_(0, 1)
-    return lut.gather(1, flat).view_as(levels)
+    lowest = torch.where(counts > 0, cdf, cdf[:, -1:]).amin(1, keepdim=True)  # the count of the lowest level
+    spread = cdf[:, -1:] - lowest
+    lut = ((cdf - lowest) * 255 / spread.clamp_min(1)).round_().clamp_(0, 255)
+    lut = torch.where(spread > 0, lut, torch.arange(256, dtype=torch.float64, device=levels.device))
+    return lut.gather(1, flat).view_as(levels).to(torch.float32)
