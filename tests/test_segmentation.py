@@ -33,6 +33,7 @@ from fastai_jsd import AugMixCallback, JsdCrossEntropy
 from fastai_jsd.augmix import NO_OP, OP_NAMES, OPS, AugMixParams, apply_augmix, sample_augmix
 from fastai_jsd.callback import repeat_rows, views_geometric
 from fastai_jsd.data import SEGMENTATION_CODES, FashionArrays, fashion_segmentation_dls, load_fashion_sample
+from fastai_jsd.robustness import SEGMENTATION_CORRUPTIONS, corrupt
 
 matplotlib.use('Agg')
 
@@ -280,6 +281,70 @@ def test_unet_learner_session(seg_dls, tmp_path):
     assert isinstance(loaded.loss_func, JsdCrossEntropy)
     loaded_mask, _, loaded_probs = loaded.predict(image)
     assert torch.equal(loaded_mask, mask) and torch.allclose(loaded_probs, item_probs, atol=1e-5)
+
+
+# --- the scenes task keeps its labels under every segmentation corruption -------------------------------------
+# The garments' signal in a corrupted scene is corrupt(scene, white garments) - corrupt(scene, black garments) with
+# the same random draws (both images share a white pixel, so corruptions that scale by the image's maximum, as fog
+# does, scale both alike). If a corruption moved content, that signal would line up best with the clean masks
+# shifted; it must line up best with the masks where they are.
+
+SHIFT_REACH = 4
+# Blurs spread content around where it was: a symmetric kernel by up to a pixel either way at 64 px; motion
+# blur drags fading copies one way (the sharpest copy stays in place, as in Cityscapes-C, which keeps it):
+# measured 1-3 px at 64 px (up to 5% of the side at severity 5). Everything else moves no pixel at all.
+ALLOWED_SHIFT = {'defocus_blur': 1, 'glass_blur': 1, 'motion_blur': 3}
+
+
+@pytest.fixture(scope='module')
+def scene_pairs():
+    "Four 64 px validation scenes with their garments painted white and black over the same backgrounds."
+    sample, photos = load_fashion_sample(), data_module.load_scene_photos()
+    scenes = data_module.make_fashion_scenes(sample.valid_images, sample.valid_labels, 4, 64, 'valid', seed=0,
+                                             photos=photos)
+    def painted(colour):
+        images = []
+        for recipe in scenes.recipes:
+            recipe = recipe._replace(background=recipe.background._replace(brightness=0.5),
+                                     garments=tuple(g._replace(colour=colour) for g in recipe.garments))
+            image, mask = data_module.render_scene(recipe, photos, sample.valid_images, 64)
+            assert np.array_equal(mask, scenes.masks[len(images)])  # the labels do not depend on the colours
+            images.append(image)
+        images = np.stack(images)
+        images[:, 0, 0] = 255  # never a garment pixel: Fashion-MNIST's corners are empty
+        return to_tensor(images)
+    return painted((1.0, 1.0, 1.0)), painted((0.0, 0.0, 0.0)), torch.from_numpy(scenes.masks > 0).float()
+
+
+def misalignment(signal, masks):
+    "For each image, how far (in pixels, the larger axis) the mask shift that best lines up with |signal| is."
+    strength = signal.abs().sum(1)
+    shifts = [(dy, dx) for dy in range(-SHIFT_REACH, SHIFT_REACH + 1) for dx in range(-SHIFT_REACH, SHIFT_REACH + 1)]
+    scores = torch.stack([(strength * torch.roll(masks, shift, (1, 2))).sum((1, 2)) for shift in shifts], 1)
+    return [max(abs(v) for v in shifts[i]) for i in scores.argmax(1).tolist()]
+
+
+def corrupted_signal(pairs, corruption):
+    "The garments' signal after `corruption` (a function of images and a generator), the same draws for both."
+    white, black, _ = pairs
+    return corruption(white, torch.Generator().manual_seed(5)) - corruption(black, torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize('name', SEGMENTATION_CORRUPTIONS)
+def test_scene_masks_stay_on_their_garments_under_every_segmentation_corruption(scene_pairs, name):
+    masks = scene_pairs[2]
+    assert misalignment(scene_pairs[0] - scene_pairs[1], masks) == [0] * len(masks)  # clean: exactly on them
+    for severity in range(1, 6):
+        signal = corrupted_signal(scene_pairs, lambda x, g: corrupt(x, name, severity, generator=g))
+        shifts = misalignment(signal, masks)
+        assert max(shifts) <= ALLOWED_SHIFT.get(name, 0), f'{name} severity {severity} moves garments by {shifts} px'
+
+
+@pytest.mark.parametrize('name', ['elastic_transform', 'translate'])
+def test_the_alignment_check_catches_corruptions_that_move_content(scene_pairs, name):
+    moves = {'elastic_transform': lambda x, g: corrupt(x, 'elastic_transform', 3, generator=g),
+             'translate': lambda x, g: torch.roll(x, 2, -1)}[name]
+    assert max(misalignment(corrupted_signal(scene_pairs, moves), scene_pairs[2])) > 1
 
 
 # --- examples/segmentation.py ----------------------------------------------------------------------------
