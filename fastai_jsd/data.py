@@ -312,7 +312,8 @@ SCENE_LABEL_ALPHA = 0.5
 SCENE_PHOTO_SHAPE = (427, 640, 3)
 SCENE_TILE_GRID = (4, 5)
 SCENE_CROP_SIDES = (48, 106)  # window side in photo pixels (at most a tile's), resized to the scene's size
-SCENE_GARMENT_SIDES = (0.35, 0.65)  # a garment's 28 px tile, as a fraction of the scene's side
+SCENE_GARMENT_SIDES = (0.4, 0.7)  # a garment's 28 px tile, as a fraction of the scene's side
+SCENE_MIN_SHADING = 0.4  # a garment's darkest opaque pixel, as a fraction of its colour (see garment_shading)
 SCENE_MAX_OVERLAP = 0.25  # of the smaller garment box's area (see draw_scene)
 SCENE_PLACEMENT_TRIES = 20
 SCENE_MIN_SIZE = 32  # below it the smallest garment tile would be under 12 px
@@ -463,18 +464,22 @@ def _window_sums(plane: np.ndarray, radius: int = 2) -> np.ndarray:
 
 
 def garment_shading(image: np.ndarray) -> np.ndarray:
-    """Brightness of each pixel of a 28x28 uint8 garment's own colour, 0..1: its intensity / 255 where it is
-    opaque, elsewhere the mean of the opaque pixels within 2 px (its own intensity if there are none).
+    """Brightness of each pixel of a 28x28 uint8 garment's own colour, SCENE_MIN_SHADING..1: the pixel's
+    intensity mapped onto that range where it is opaque, elsewhere the mean of the opaque pixels within 2 px
+    (its own if there are none).
 
     Fashion-MNIST's edge pixels are the garment faded into black; painted with their own intensity, every
     garment would get a dark outline, a cue that has nothing to do with its shape. With its neighbours'
-    intensity, the half-transparent edge blends the garment's own colour into the background instead.
+    shading, the half-transparent edge blends the garment's own colour into the background instead. The floor
+    keeps the garment's texture but not its near-black parts: a black pullover would be a hole in any dark
+    photo, while its colour (see `draw_scene`) can still make it dark.
     """
     intensity = np.asarray(image, dtype=np.float32) / 255
+    shading = SCENE_MIN_SHADING + (1 - SCENE_MIN_SHADING) * intensity
     opaque = (garment_alpha(image) >= 1).astype(np.float32)
     counts = _window_sums(opaque)
-    nearby = _window_sums(intensity * opaque) / np.maximum(counts, 1)
-    return np.where((opaque == 1) | (counts == 0), intensity, nearby).astype(np.float32)
+    nearby = _window_sums(shading * opaque) / np.maximum(counts, 1)
+    return np.where((opaque == 1) | (counts == 0), shading, nearby).astype(np.float32)
 
 
 def garment_tile(image: np.ndarray, side: int, flip: bool) -> tuple:
@@ -589,7 +594,7 @@ def fashion_scenes_dls(size=64, bs=64, n_train=4000, n_valid=500, max_garments=3
 
     Each `size` x `size` scene is a window of one of scikit-learn's two sample photos (random place and side
     48-106 px, flips, brightness/contrast/saturation jitter) with 1..`max_garments` garments painted over it at
-    random places, sizes (35-65% of the side) and colours, shaded by their own Fashion-MNIST intensity. Labels
+    random places, sizes (40-70% of the side) and colours, shaded by their own Fashion-MNIST intensity. Labels
     come from each garment's shape (its alpha, from the original 28 px intensity: see SCENE_OPAQUE_INTENSITY),
     not from the composite's brightness, so every corruption in SEGMENTATION_CORRUPTIONS leaves them valid.
 

@@ -20,11 +20,11 @@ from torchvision.models import resnet18
 
 from _images import photo_crops
 from fastai_jsd.data import (DEBIAN_FASHION_DIR, FASHION_CLASSES, GARMENT_THRESHOLD, SAMPLE_PATH, SCENE_CROP_SIDES,
-                             SCENE_LABEL_ALPHA, SCENE_PHOTO_SHAPE, SEGMENTATION_CODES, BackgroundCrop, PlacedGarment,
-                             SceneRecipe, as_gray_image, as_rgb_image, draw_scene, fashion_dls, fashion_scenes_dls,
-                             fashion_segmentation_dls, garment_alpha, garment_shading, garment_tile, load_fashion_mnist,
-                             load_fashion_sample, load_scene_photos, make_fashion_scenes, pixel_stats, read_idx,
-                             render_scene, scene_tiles)
+                             SCENE_LABEL_ALPHA, SCENE_MIN_SHADING, SCENE_PHOTO_SHAPE, SEGMENTATION_CODES,
+                             BackgroundCrop, PlacedGarment, SceneRecipe, as_gray_image, as_rgb_image, draw_scene,
+                             fashion_dls, fashion_scenes_dls, fashion_segmentation_dls, garment_alpha, garment_shading,
+                             garment_tile, load_fashion_mnist, load_fashion_sample, load_scene_photos,
+                             make_fashion_scenes, pixel_stats, read_idx, render_scene, scene_tiles)
 
 matplotlib.use('Agg')
 
@@ -511,7 +511,9 @@ def test_garment_edges_blend_in_the_garments_own_colour(sample, photos):
     edge = (alpha > 0) & (alpha < 1)
     opaque = alpha >= 1
     assert edge.any() and shading[edge].mean() > 0.5 * shading[opaque].mean()
-    assert np.allclose(shading[opaque], image[opaque] / 255)
+    # opaque pixels keep their own texture: the intensity, mapped linearly onto SCENE_MIN_SHADING..1
+    assert np.allclose(shading[opaque], SCENE_MIN_SHADING + (1 - SCENE_MIN_SHADING) * image[opaque] / 255)
+    assert (shading >= SCENE_MIN_SHADING - 1e-6).all() and shading.max() <= 1
     # a white garment on a white background leaves no dark ring
     recipe = one_garment_scene(0, 28, colour=(1.0, 1.0, 1.0))
     recipe = recipe._replace(background=recipe.background._replace(brightness=10.0))  # clipped to white
