@@ -249,9 +249,12 @@ def print_table(table):
 
 def predicted_masks(learn, images, stats):
     "The model's class map [B, H, W] for pixel images [B, C, H, W] in [0, 1]."
-    model = learn.model.eval()
-    with torch.no_grad():
-        return model(encode(images, stats)).argmax(dim=1)
+    model, training = learn.model, learn.model.training
+    try:
+        with torch.no_grad():
+            return model.eval()(encode(images, stats)).argmax(dim=1)
+    finally:
+        model.train(training)
 
 
 def class_iou(learners, dl, vocab, ignore_index, seed):
@@ -285,38 +288,45 @@ def code_colours(n_codes):
     return ListedColormap(['black'] + list(plt.cm.tab10.colors + plt.cm.tab20.colors[1::2])[:n_codes - 1])
 
 
-def save_prediction_figures(learners, dl, vocab, corruption, args):
-    """For each model, FIGURE_ROWS validation images: the image, its target, the model's prediction, the image
-    under `corruption` at severity FIGURE_SEVERITY and the prediction on it, with a legend of the class colours."""
-    stats = normalize_stats(dl, default_device())
-    xb, yb = dl.one_batch()
-    pixels = decode(xb[:FIGURE_ROWS], stats).clamp_(0, 1)
+def prediction_figure(learn, title, pixels, targets, corruption, seed, vocab):
+    """`learn`'s predictions on `pixels` (images in [0, 1]) beside `targets`, in five labelled columns: the image,
+    its target, the prediction, the image under `corruption` at severity FIGURE_SEVERITY and the prediction on
+    it; one row per image, and a legend of the class colours."""
+    stats = normalize_stats(learn.dls.valid, pixels.device)
     corrupted = corrupt(pixels, corruption, FIGURE_SEVERITY,
-                        generator=torch.Generator(default_device()).manual_seed(args.seed))
-    colours = code_colours(len(vocab))
+                        generator=torch.Generator(pixels.device).manual_seed(seed))
+    panels = [pixels, targets, predicted_masks(learn, pixels, stats), corrupted,
+              predicted_masks(learn, corrupted, stats)]
     titles = ['image', 'target', 'prediction', f'{corruption.replace("_", " ")} {FIGURE_SEVERITY}',
               'prediction on it']
+    colours = code_colours(len(vocab))
+    rows = len(pixels)
+    fig, axes = plt.subplots(rows, len(panels), figsize=(2 * len(panels), 2 * rows + 0.9), squeeze=False)
+    for row in range(rows):
+        for column, (panel, column_title) in enumerate(zip(panels, titles)):
+            ax = axes[row, column]
+            shown = panel[row].cpu()
+            if shown.ndim == 3:  # an image: channels last, gray as gray
+                ax.imshow(shown.permute(1, 2, 0).squeeze(-1).numpy(), cmap='gray', vmin=0, vmax=1)
+            else:
+                ax.imshow(shown.numpy(), cmap=colours, vmin=0, vmax=len(vocab) - 1, interpolation='nearest')
+            ax.set_xticks([]), ax.set_yticks([])
+            if row == 0:
+                ax.set_title(column_title, fontsize=10)
+    fig.legend(handles=[Patch(color=colours(code), label=str(label)) for code, label in enumerate(vocab)],
+               loc='lower center', ncol=min(len(vocab), 6), fontsize=8, frameon=False)
+    fig.suptitle(f'{title}: validation images, mask colour = class', y=0.995)
+    fig.tight_layout(rect=(0, 0.9 / (2 * rows + 0.9) + 0.02, 1, 0.98))
+    return fig
+
+
+def save_prediction_figures(learners, dl, vocab, corruption, args):
+    "`prediction_figure` of each model on the same FIGURE_ROWS validation images; returns the files' paths."
+    xb, yb = dl.one_batch()
+    pixels = decode(xb[:FIGURE_ROWS], normalize_stats(dl, xb.device)).clamp_(0, 1)
     paths = []
     for name, learn in learners.items():
-        panels = [pixels, yb[:FIGURE_ROWS], predicted_masks(learn, pixels, stats), corrupted,
-                  predicted_masks(learn, corrupted, stats)]
-        fig, axes = plt.subplots(len(pixels), len(panels), figsize=(2 * len(panels), 2 * len(pixels) + 0.9),
-                                 squeeze=False)
-        for row in range(len(pixels)):
-            for column, (panel, title) in enumerate(zip(panels, titles)):
-                ax = axes[row, column]
-                shown = panel[row].cpu()
-                if shown.ndim == 3:  # an image: channels last, gray as gray
-                    ax.imshow(shown.permute(1, 2, 0).squeeze(-1).numpy(), cmap='gray', vmin=0, vmax=1)
-                else:
-                    ax.imshow(shown.numpy(), cmap=colours, vmin=0, vmax=len(vocab) - 1, interpolation='nearest')
-                ax.set_xticks([]), ax.set_yticks([])
-                if row == 0:
-                    ax.set_title(title, fontsize=10)
-        fig.legend(handles=[Patch(color=colours(code), label=str(label)) for code, label in enumerate(vocab)],
-                   loc='lower center', ncol=min(len(vocab), 6), fontsize=8, frameon=False)
-        fig.suptitle(f'{MODELS[name]}: validation images, mask colour = class', y=0.995)
-        fig.tight_layout(rect=(0, 0.9 / (2 * len(pixels) + 0.9) + 0.02, 1, 0.98))
+        fig = prediction_figure(learn, MODELS[name], pixels, yb[:FIGURE_ROWS], corruption, args.seed, vocab)
         paths.append(args.out / f'predictions_{name}.png')
         fig.savefig(paths[-1], bbox_inches='tight')
         plt.close(fig)
@@ -368,13 +378,13 @@ def main(argv=None):
     per_corruption = pd.concat({MODELS[name]: own.per_corruption()['pixel_error']
                                 for name, own in (('baseline', result.baseline), ('augmix_jsd', result))}, axis=1)
     print('\nPixel error per corruption (mean over severities):')
-    print((per_corruption * 100).round(1).to_string())
+    print((per_corruption * 100).to_string(float_format='{:.1f}'.format))
     vocab = learners['baseline'].dls.vocab
     ious = class_iou(learners, eval_dl, vocab, ignore_index, args.seed)
     ious.to_csv(args.out / 'class_iou.csv', float_format='%.6g')
     print(f'\nIoU per class (%), clean and under the {len(SEGMENTATION_CORRUPTIONS)} corruptions at severity '
           f'{FIGURE_SEVERITY}:')
-    print((ious * 100).round(1).to_string())
+    print((ious * 100).to_string(float_format='{:.1f}'.format))
     if args.quick:
         print(f"(--quick trains on {QUICK['train']} images for one epoch: a smoke test, not a comparison)")
     figures = save_prediction_figures(learners, eval_dl, vocab, worst_corruption(result), args)

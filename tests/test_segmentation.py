@@ -378,6 +378,10 @@ def check_outputs(out, printed):
             'mce_vs_baseline', 'train_seconds'} <= set(table.columns)
     scores = pd.read_csv(out / 'corruption_scores.csv')
     assert set(scores.model) == set(table.index) and {'pixel_error', 'mean_iou'} <= set(scores.columns)
+    ious = pd.read_csv(out / 'class_iou.csv', index_col='class')
+    conditions = ('clean', 'corrupted')
+    assert list(ious.columns) == [f'{model}, {condition}' for model in table.index for condition in conditions]
+    assert ((ious.fillna(0) >= 0) & (ious.fillna(0) <= 1)).all().all()
     for name in ('predictions_baseline', 'predictions_augmix_jsd', 'augmix_views', 'lr_find_baseline',
                  'lr_find_augmix_jsd'):
         check_png(out / f'{name}.png')
@@ -424,6 +428,45 @@ def test_example_trains_on_a_camvid_style_folder(tmp_path):
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         script.main(['--quick', '--path', str(folder), '--size', '32', '--bs', '4', '--out', str(out)])
     check_outputs(out, printed.getvalue())
+
+
+def test_example_defaults_per_task():
+    script = load_example()
+    scenes, on_black = script.parse_args([]), script.parse_args(['--task', 'on-black'])
+    assert (scenes.task, scenes.size, scenes.bs, scenes.epochs, scenes.eval_images) == ('scenes', 32, 16, 6, 200)
+    # the earlier task keeps the settings its README numbers were measured with
+    assert (on_black.size, on_black.bs, on_black.epochs, on_black.eval_images) == (28, 64, 3, 500)
+    assert script.parse_args(['--size', '48', '--bs', '8', '--epochs', '2']).size == 48
+    assert script.parse_args(['--quick']).epochs == 1 and script.parse_args(['--all-ops']).all_ops
+
+
+def test_example_refuses_scenes_below_32_px(capsys):
+    with pytest.raises(SystemExit):
+        load_example().parse_args(['--size', '24'])
+    assert '--size must be at least 32 for --task scenes' in capsys.readouterr().err
+
+
+def test_prediction_figure_labels_its_columns_and_its_colours():
+    """The figure stands alone: which column is the image, the target and the prediction, and which colour is
+    which class (issue: a predictions figure without either)."""
+    import matplotlib.pyplot as plt
+    script = load_example()
+    dls = data_module.fashion_scenes_dls(size=32, bs=4, n_train=8, n_valid=4, seed=0)
+    learn = unet_learner(dls, script.small_encoder, pretrained=False, n_in=3, norm_type=None)
+    xb, yb = dls.valid.one_batch()
+    pixels = script.decode(xb, script.normalize_stats(dls.valid, xb.device)).clamp(0, 1)
+    fig = script.prediction_figure(learn, 'AugMix + JSD', pixels, yb, 'gaussian_noise', 0, dls.vocab)
+    titles = [ax.get_title() for ax in fig.axes[:5]]
+    assert titles == ['image', 'target', 'prediction', 'gaussian noise 3', 'prediction on it']
+    assert len(fig.axes) == 5 * len(pixels)
+    legend = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert legend == list(SEGMENTATION_CODES)
+    assert 'AugMix + JSD' in fig._suptitle.get_text()
+    # masks are drawn with one fixed colour per code, whatever the codes present in these images
+    target_image = fig.axes[1].get_images()[0]
+    assert target_image.get_clim() == (0, len(SEGMENTATION_CODES) - 1)
+    assert learn.model.training  # the predictions leave the model's mode as they found it
+    plt.close(fig)
 
 
 def test_example_refuses_a_folder_that_is_not_camvid_style(tmp_path, capsys):
