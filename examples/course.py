@@ -81,11 +81,21 @@ def label_loss_curves(ax, loss_func):
     return ax
 
 
+def loss_at(curve, lr):
+    "The smoothed loss of lr_find's `curve` (a matplotlib line) at `lr`, interpolated on the log scale it is drawn on."
+    rates, losses = np.asarray(curve.get_xdata(), float), np.asarray(curve.get_ydata(), float)
+    return float(np.interp(np.log(lr), np.log(rates), losses))
+
+
 def label_lr_find(fig, model_name, loss, suggested, used, suggestion='valley'):
     "Title lr_find's figure with the model and its loss, and mark the suggestion and the learning rate fit used."
     ax = fig.axes[0]
-    for line in ax.get_lines():
+    curve, *markers = ax.get_lines()  # plot_lr_find draws the loss curve, then one marker per suggestion
+    for line in markers:
         if line.get_label() == suggestion:
+            # fastai's `minimum` marks the lowest loss but suggests a tenth of its rate, so its marker sat 10x to
+            # the right of the value in the legend: every marker goes on the curve at the rate it suggests.
+            line.set_data([suggested], [loss_at(curve, suggested)])
             line.set_label(f"lr_find's {suggestion} suggestion: {suggested:.2g}")
     ax.axvline(used, color='tab:red', linestyle='--', label=f'used by fit_one_cycle: {used:.2g}')
     ax.set_title(f'lr_find: {model_name}')

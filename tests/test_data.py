@@ -19,9 +19,12 @@ from PIL import Image
 from torchvision.models import resnet18
 
 from _images import photo_crops
-from fastai_jsd.data import (DEBIAN_FASHION_DIR, FASHION_CLASSES, GARMENT_THRESHOLD, SAMPLE_PATH, SEGMENTATION_CODES,
-                             as_gray_image, as_rgb_image, fashion_dls, fashion_segmentation_dls, load_fashion_mnist,
-                             load_fashion_sample, pixel_stats, read_idx)
+from fastai_jsd.data import (DEBIAN_FASHION_DIR, FASHION_CLASSES, GARMENT_THRESHOLD, SAMPLE_PATH, SCENE_CROP_SIDES,
+                             SCENE_LABEL_ALPHA, SCENE_MIN_SHADING, SCENE_PHOTO_SHAPE, SEGMENTATION_CODES,
+                             BackgroundCrop, PlacedGarment, SceneRecipe, as_gray_image, as_rgb_image, draw_scene,
+                             fashion_dls, fashion_scenes_dls, fashion_segmentation_dls, garment_alpha, garment_shading,
+                             garment_tile, load_fashion_mnist, load_fashion_sample, load_scene_photos,
+                             make_fashion_scenes, pixel_stats, read_idx, render_scene, scene_tiles)
 
 matplotlib.use('Agg')
 
@@ -337,5 +340,210 @@ def test_segmentation_bad_arguments_name_the_argument(kwargs, name):
 def test_segmentation_show_batch_uses_the_codes():
     import matplotlib.pyplot as plt
     fashion_segmentation_dls(bs=8).show_batch(max_n=4)
+    assert len(plt.gcf().axes) >= 4
+    plt.close('all')
+
+
+# --- the scenes task: garments on crops of real photographs --------------------------------------------------
+
+@pytest.fixture(scope='module')
+def photos():
+    return load_scene_photos()
+
+
+@pytest.fixture(scope='module')
+def valid_scenes(sample, photos):
+    "Ten validation scenes at the default 64 px."
+    return make_fashion_scenes(sample.valid_images, sample.valid_labels, 10, 64, 'valid', seed=3, photos=photos)
+
+
+def one_garment_scene(garment_row, side, flip=False, colour=(0.5, 0.5, 0.5), brightness=1.0, top=10, left=12):
+    "A hand-made recipe: one validation garment at (top, left), `side` px, over a fixed window of the first photo."
+    background = BackgroundCrop(photo=0, top=0, left=0, side=80, flip_horizontal=False, flip_vertical=False,
+                                brightness=brightness, contrast=1.0, saturation=1.0)
+    garment = PlacedGarment(row=garment_row, label=7, top=top, left=left, side=side, flip=flip, colour=colour)
+    return SceneRecipe(background, (garment,))
+
+
+def test_scene_batches_shapes_dtypes_and_codes():
+    from fastai.torch_core import TensorMask
+    dls = fashion_scenes_dls(size=48, bs=8, n_train=16, n_valid=8, seed=0)
+    xb, yb = dls.one_batch()
+    assert type(xb) is TensorImage and xb.shape == (8, 3, 48, 48) and xb.dtype == torch.float32
+    assert type(yb) is TensorMask and yb.shape == (8, 48, 48) and yb.dtype == torch.int64
+    assert 0 <= yb.min() and yb.max() <= 10 and (yb > 0).any() and (yb == 0).any()
+    assert list(dls.vocab) == list(SEGMENTATION_CODES) and dls.train.after_item.c == 11
+    assert len(dls.train_ds) == 16 and len(dls.valid_ds) == 8
+
+
+def test_scene_valid_loader_gives_the_rendered_scenes(sample):
+    """The loader only converts and normalizes (no resize, no shuffle of the validation set): decoding gives back
+    the scenes `make_fashion_scenes` renders, and the masks exactly."""
+    dls = fashion_scenes_dls(size=48, bs=6, n_train=12, n_valid=6)
+    scenes = make_fashion_scenes(sample.valid_images, sample.valid_labels, 6, 48, 'valid', seed=0)
+    xb, yb = dls.valid.one_batch()
+    pixels = dls.valid.decode((xb, yb))[0].permute(0, 2, 3, 1).cpu().long()
+    assert (pixels - torch.from_numpy(scenes.images).long()).abs().max() <= 1
+    np.testing.assert_array_equal(yb.cpu().numpy(), scenes.masks)
+    gray_dls = fashion_scenes_dls(size=48, bs=6, n_train=12, n_valid=6, channels=1)
+    gray = gray_dls.valid.one_batch()[0]
+    assert type(gray) is TensorImageBW and gray.shape == (6, 1, 48, 48)
+    reference = np.stack([np.asarray(Image.fromarray(image).convert('L')) for image in scenes.images])
+    decoded = gray_dls.valid.decode((gray, yb))[0][:, 0].cpu().long()
+    assert (decoded - torch.from_numpy(reference).long()).abs().max() <= 1
+
+
+def test_scene_normalization_uses_the_training_scenes_statistics(sample):
+    dls = fashion_scenes_dls(size=32, bs=20, n_train=20, n_valid=4)
+    scenes = make_fashion_scenes(sample.train_images, sample.train_labels, 20, 32, 'train', seed=0)
+    normalize = next(t for t in dls.after_batch.fs if isinstance(t, Normalize))
+    pixels = scenes.images.reshape(-1, 3) / 255
+    assert torch.allclose(normalize.mean.cpu().flatten(), torch.tensor(pixels.mean(0), dtype=torch.float32), atol=1e-6)
+    assert torch.allclose(normalize.std.cpu().flatten(), torch.tensor(pixels.std(0), dtype=torch.float32), atol=1e-6)
+
+
+def test_scenes_are_deterministic_given_the_seed(sample, photos):
+    def scenes(n, seed):
+        return make_fashion_scenes(sample.train_images, sample.train_labels, n, 32, 'train', seed, photos=photos)
+    first, again, longer, other = scenes(6, 1), scenes(6, 1), scenes(9, 1), scenes(6, 2)
+    np.testing.assert_array_equal(first.images, again.images)
+    np.testing.assert_array_equal(first.masks, again.masks)
+    assert first.recipes == again.recipes
+    # scene i has its own generator: asking for more scenes does not change the first ones
+    np.testing.assert_array_equal(longer.images[:6], first.images)
+    assert longer.recipes[:6] == first.recipes
+    assert not np.array_equal(other.images, first.images) and other.recipes != first.recipes
+    # the shuffle order is `seed`'s, as in fashion_dls
+    batches = [fashion_scenes_dls(size=32, bs=8, n_train=32, n_valid=4, seed=s).train.one_batch()[1] for s in (1, 1, 2)]
+    assert torch.equal(batches[0], batches[1]) and not torch.equal(batches[0], batches[2])
+
+
+def test_train_and_valid_share_no_garment_and_no_background_pixel(sample):
+    recipes = {split: [draw_scene(np.random.default_rng(i), split, images, labels, 64, max_garments=3)
+                       for i in range(400)]
+               for split, images, labels in (('train', sample.train_images, sample.train_labels),
+                                             ('valid', sample.valid_images, sample.valid_labels))}
+    # garments: the training scenes draw only training images, the validation scenes only validation images,
+    # and no validation image equals a training one
+    used = {split: [(images[g.row], g.label) for r in recipes[split] for g in r.garments]
+            for split, images in (('train', sample.train_images), ('valid', sample.valid_images))}
+    for split, labels in (('train', sample.train_labels), ('valid', sample.valid_labels)):
+        rows = [g.row for r in recipes[split] for g in r.garments]
+        assert all(labels[g.row] == g.label for r in recipes[split] for g in r.garments)
+        assert len(set(rows)) > 200  # many different garments, not a few repeated
+    train_garments = {image.tobytes() for image, _ in used['train']}
+    assert not any(image.tobytes() in train_garments for image, _ in used['valid'])
+    # backgrounds: paint every window onto a map of each photo; no photo pixel is in windows of both splits
+    covered = {split: np.zeros((2, *SCENE_PHOTO_SHAPE[:2]), bool) for split in recipes}
+    for split in recipes:
+        for recipe in recipes[split]:
+            crop = recipe.background
+            covered[split][crop.photo, crop.top:crop.top + crop.side, crop.left:crop.left + crop.side] = True
+    assert not (covered['train'] & covered['valid']).any()
+    for split in recipes:  # both photos, both splits, and validation sees a fair share of each photo
+        assert all(covered[split][photo].mean() > 0.1 for photo in range(2))
+    assert 0.12 < covered['valid'].mean() < 0.25 < covered['train'].mean()
+
+
+def test_scene_tiles_partition_the_photos():
+    area = np.zeros(SCENE_PHOTO_SHAPE[:2], int)
+    for split in ('train', 'valid'):
+        for top, left, bottom, right in scene_tiles(split):
+            assert bottom - top >= SCENE_CROP_SIDES[1] and right - left >= SCENE_CROP_SIDES[1]
+            area[top:bottom, left:right] += 1
+    assert (area == 1).all()
+    assert len(scene_tiles('valid')) == 4 and len(scene_tiles('train')) == 16
+
+
+@pytest.mark.parametrize('flip', [False, True])
+def test_a_garment_at_its_own_size_is_labelled_exactly_as_the_fashion_segmentation_task(sample, photos, flip):
+    """At 28 px nothing is resized, so the scene's labels must be `fashion_segmentation_dls`'s definition:
+    class + 1 where the Fashion-MNIST pixel is >= GARMENT_THRESHOLD, whatever the composite looks like."""
+    for row in (0, 1, 2, 3):
+        image = sample.valid_images[row][:, ::-1] if flip else sample.valid_images[row]
+        _, mask = render_scene(one_garment_scene(row, 28, flip), photos, sample.valid_images, 64)
+        expected = np.zeros((64, 64), np.int64)
+        expected[10:38, 12:40] = reference_masks(image[None], [7])[0]
+        np.testing.assert_array_equal(mask, expected)
+
+
+def test_scene_labels_follow_the_garment_shape_not_the_brightness(sample, photos):
+    row = 5
+    looks = [dict(colour=(0.0, 0.0, 0.0), brightness=0.3), dict(colour=(1.0, 1.0, 1.0), brightness=1.25),
+             dict(colour=(0.9, 0.1, 0.2), brightness=0.8)]
+    rendered = [render_scene(one_garment_scene(row, 37, **look), photos, sample.valid_images, 64) for look in looks]
+    for image, mask in rendered[1:]:
+        np.testing.assert_array_equal(mask, rendered[0][1])  # same shape, same labels
+        assert np.abs(image.astype(int) - rendered[0][0]).mean() > 20  # though the images differ a lot
+    # scaled to 37 px, the labels are the garment's own mask scaled (nearest neighbour) up to its edge pixels
+    reference = reference_masks(sample.valid_images[row][None], [7])[0]
+    scaled = np.asarray(Image.fromarray(reference.astype(np.uint8)).resize((37, 37), Image.NEAREST))
+    agreement = (rendered[0][1][10:47, 12:49] == scaled).mean()
+    assert agreement > 0.93, agreement
+    # brightening or darkening a rendered scene cannot change its labels: they were never computed from it
+    scenes = make_fashion_scenes(sample.valid_images, sample.valid_labels, 4, 64, 'valid', photos=photos)
+    darker = [render_scene(r._replace(background=r.background._replace(brightness=0.5),
+                                      garments=tuple(g._replace(colour=(0.2, 0.2, 0.2)) for g in r.garments)),
+                           photos, sample.valid_images, 64) for r in scenes.recipes]
+    np.testing.assert_array_equal(np.stack([mask for _, mask in darker]), scenes.masks)
+
+
+def test_scene_masks_are_the_garments_alphas_painted_in_order(sample, valid_scenes):
+    "Recomputing the labels from the generator's alphas (top garment last) gives the mask, and every class is real."
+    for recipe, mask in zip(valid_scenes.recipes, valid_scenes.masks):
+        expected = np.zeros_like(mask)
+        for garment in recipe.garments:
+            alpha, _ = garment_tile(sample.valid_images[garment.row], garment.side, garment.flip)
+            window = expected[garment.top:garment.top + garment.side, garment.left:garment.left + garment.side]
+            window[alpha >= SCENE_LABEL_ALPHA] = garment.label + 1
+        np.testing.assert_array_equal(mask, expected)
+        assert 1 <= len(recipe.garments) <= 3
+        assert set(np.unique(mask)) - {0} == {g.label + 1 for g in recipe.garments}  # none hidden entirely
+    assert 0.6 < (valid_scenes.masks == 0).mean() < 0.9  # mostly background, garments are not specks
+
+
+def test_garment_edges_blend_in_the_garments_own_colour(sample, photos):
+    """Fashion-MNIST's edge pixels are the garment faded to black; painted as they are, every garment would get
+    a dark outline that marks it whatever its shape. The half-transparent edge carries its neighbours' shade."""
+    image = sample.valid_images[0]
+    shading = garment_shading(image)
+    alpha = garment_alpha(image)
+    edge = (alpha > 0) & (alpha < 1)
+    opaque = alpha >= 1
+    assert edge.any() and shading[edge].mean() > 0.5 * shading[opaque].mean()
+    # opaque pixels keep their own texture: the intensity, mapped linearly onto SCENE_MIN_SHADING..1
+    assert np.allclose(shading[opaque], SCENE_MIN_SHADING + (1 - SCENE_MIN_SHADING) * image[opaque] / 255)
+    assert (shading >= SCENE_MIN_SHADING - 1e-6).all() and shading.max() <= 1
+    # a white garment on a white background leaves no dark ring
+    recipe = one_garment_scene(0, 28, colour=(1.0, 1.0, 1.0))
+    recipe = recipe._replace(background=recipe.background._replace(brightness=10.0))  # clipped to white
+    rendered, _ = render_scene(recipe, photos, sample.valid_images, 64)
+    ring = np.zeros((64, 64), bool)
+    ring[10:38, 12:40] = edge
+    assert rendered[ring].min() > 0.5 * 255 * shading[opaque].mean()
+
+
+@pytest.mark.parametrize('kwargs,name', [
+    (dict(size=16), 'size'), (dict(size=64.0), 'size'), (dict(bs=0), 'bs'), (dict(n_train=0), 'n_train'),
+    (dict(n_valid=2.5), 'n_valid'), (dict(max_garments=0), 'max_garments'), (dict(channels=2), 'channels'),
+    (dict(scene_seed=-1), 'scene_seed'), (dict(seed='a'), 'seed'), (dict(path='/tmp'), 'path'),
+    (dict(num_workers=-1), 'num_workers')])
+def test_scene_bad_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=rf'^{name}\b|{name}='):
+        fashion_scenes_dls(**kwargs)
+
+
+def test_make_fashion_scenes_bad_arguments(sample):
+    with pytest.raises(ValueError, match="split should be 'train' or 'valid'"):
+        make_fashion_scenes(sample.valid_images, sample.valid_labels, 2, split='test')
+    with pytest.raises(ValueError, match='equal length'):
+        make_fashion_scenes(sample.valid_images, sample.valid_labels[:5], 2)
+    with pytest.raises(ValueError, match='^n '):
+        make_fashion_scenes(sample.valid_images, sample.valid_labels, 0)
+
+
+def test_scene_show_batch_uses_the_codes():
+    import matplotlib.pyplot as plt
+    fashion_scenes_dls(size=32, bs=4, n_train=8, n_valid=4).show_batch(max_n=4)
     assert len(plt.gcf().axes) >= 4
     plt.close('all')

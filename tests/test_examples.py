@@ -180,6 +180,28 @@ def test_lr_find_figure_names_the_model_and_marks_the_rate_used(course, tmp_path
     plt.close('all')
 
 
+@pytest.mark.parametrize('suggestion', ['minimum', 'valley'])
+def test_lr_find_marker_sits_at_the_suggested_rate(course, tmp_path, suggestion):
+    """fastai's `minimum` suggests a tenth of the lowest loss's rate but marks the lowest loss itself: the
+    segmentation example's figure showed its marker 10x away from the value in its legend."""
+    import matplotlib.pyplot as plt
+    from fastai.losses import CrossEntropyLossFlat
+    learn = tiny_fashion_learner(CrossEntropyLossFlat(), tmp_path)
+    with learn.no_bar():
+        found = course.lr_find_leaving_no_files(learn, num_it=30, suggest_funcs=(getattr(course, suggestion),))
+    suggested = float(getattr(found, suggestion))
+    fig = course.label_lr_find(plt.gcf(), 'baseline', 'cross-entropy', suggested, 3e-3, suggestion)
+    ax = fig.axes[0]
+    curve = ax.get_lines()[0]
+    marker, = [line for line in ax.get_lines() if line.get_label().startswith(f"lr_find's {suggestion}")]
+    assert marker.get_label() == f"lr_find's {suggestion} suggestion: {suggested:.2g}"
+    assert list(marker.get_xdata()) == [suggested]
+    rates, losses = np.asarray(curve.get_xdata()), np.asarray(curve.get_ydata())
+    nearest = np.abs(np.log(rates) - np.log(suggested)).argmin()  # on the curve, not at its minimum
+    assert marker.get_ydata()[0] == pytest.approx(losses[nearest], rel=0.05)
+    plt.close('all')
+
+
 def test_quickstart_rejects_unknown_arch_before_training(tmp_path):
     result = run_example('quickstart.py', '--arch', 'no_such_net', '--out', tmp_path / 'out', cwd=tmp_path)
     assert result.returncode == 2

@@ -33,6 +33,7 @@ from fastai_jsd import AugMixCallback, JsdCrossEntropy
 from fastai_jsd.augmix import NO_OP, OP_NAMES, OPS, AugMixParams, apply_augmix, sample_augmix
 from fastai_jsd.callback import repeat_rows, views_geometric
 from fastai_jsd.data import SEGMENTATION_CODES, FashionArrays, fashion_segmentation_dls, load_fashion_sample
+from fastai_jsd.robustness import SEGMENTATION_CORRUPTIONS, corrupt
 
 matplotlib.use('Agg')
 
@@ -284,6 +285,70 @@ def test_unet_learner_session(seg_dls, tmp_path):
     assert torch.equal(loaded_mask, mask) and torch.allclose(loaded_probs, item_probs, atol=1e-5)
 
 
+# --- the scenes task keeps its labels under every segmentation corruption -------------------------------------
+# The garments' signal in a corrupted scene is corrupt(scene, white garments) - corrupt(scene, black garments) with
+# the same random draws (both images share a white pixel, so corruptions that scale by the image's maximum, as fog
+# does, scale both alike). If a corruption moved content, that signal would line up best with the clean masks
+# shifted; it must line up best with the masks where they are.
+
+SHIFT_REACH = 4
+# Blurs spread content around where it was: a symmetric kernel by up to a pixel either way at 64 px; motion
+# blur drags fading copies one way (the sharpest copy stays in place, as in Cityscapes-C, which keeps it):
+# measured 1-3 px at 64 px (up to 5% of the side at severity 5). Everything else moves no pixel at all.
+ALLOWED_SHIFT = {'defocus_blur': 1, 'glass_blur': 1, 'motion_blur': 3}
+
+
+@pytest.fixture(scope='module')
+def scene_pairs():
+    "Four 64 px validation scenes with their garments painted white and black over the same backgrounds."
+    sample, photos = load_fashion_sample(), data_module.load_scene_photos()
+    scenes = data_module.make_fashion_scenes(sample.valid_images, sample.valid_labels, 4, 64, 'valid', seed=0,
+                                             photos=photos)
+    def painted(colour):
+        images = []
+        for recipe in scenes.recipes:
+            recipe = recipe._replace(background=recipe.background._replace(brightness=0.5),
+                                     garments=tuple(g._replace(colour=colour) for g in recipe.garments))
+            image, mask = data_module.render_scene(recipe, photos, sample.valid_images, 64)
+            assert np.array_equal(mask, scenes.masks[len(images)])  # the labels do not depend on the colours
+            images.append(image)
+        images = np.stack(images)
+        images[:, 0, 0] = 255  # never a garment pixel: Fashion-MNIST's corners are empty
+        return to_tensor(images)
+    return painted((1.0, 1.0, 1.0)), painted((0.0, 0.0, 0.0)), torch.from_numpy(scenes.masks > 0).float()
+
+
+def misalignment(signal, masks):
+    "For each image, how far (in pixels, the larger axis) the mask shift that best lines up with |signal| is."
+    strength = signal.abs().sum(1)
+    shifts = [(dy, dx) for dy in range(-SHIFT_REACH, SHIFT_REACH + 1) for dx in range(-SHIFT_REACH, SHIFT_REACH + 1)]
+    scores = torch.stack([(strength * torch.roll(masks, shift, (1, 2))).sum((1, 2)) for shift in shifts], 1)
+    return [max(abs(v) for v in shifts[i]) for i in scores.argmax(1).tolist()]
+
+
+def corrupted_signal(pairs, corruption):
+    "The garments' signal after `corruption` (a function of images and a generator), the same draws for both."
+    white, black, _ = pairs
+    return corruption(white, torch.Generator().manual_seed(5)) - corruption(black, torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize('name', SEGMENTATION_CORRUPTIONS)
+def test_scene_masks_stay_on_their_garments_under_every_segmentation_corruption(scene_pairs, name):
+    masks = scene_pairs[2]
+    assert misalignment(scene_pairs[0] - scene_pairs[1], masks) == [0] * len(masks)  # clean: exactly on them
+    for severity in range(1, 6):
+        signal = corrupted_signal(scene_pairs, lambda x, g: corrupt(x, name, severity, generator=g))
+        shifts = misalignment(signal, masks)
+        assert max(shifts) <= ALLOWED_SHIFT.get(name, 0), f'{name} severity {severity} moves garments by {shifts} px'
+
+
+@pytest.mark.parametrize('name', ['elastic_transform', 'translate'])
+def test_the_alignment_check_catches_corruptions_that_move_content(scene_pairs, name):
+    moves = {'elastic_transform': lambda x, g: corrupt(x, 'elastic_transform', 3, generator=g),
+             'translate': lambda x, g: torch.roll(x, 2, -1)}[name]
+    assert max(misalignment(corrupted_signal(scene_pairs, moves), scene_pairs[2])) > 1
+
+
 # --- examples/segmentation.py ----------------------------------------------------------------------------
 
 EXAMPLE = Path(__file__).resolve().parents[1] / 'examples' / 'segmentation.py'
@@ -315,6 +380,10 @@ def check_outputs(out, printed):
             'mce_vs_baseline', 'train_seconds'} <= set(table.columns)
     scores = pd.read_csv(out / 'corruption_scores.csv')
     assert set(scores.model) == set(table.index) and {'pixel_error', 'mean_iou'} <= set(scores.columns)
+    ious = pd.read_csv(out / 'class_iou.csv', index_col='class')
+    conditions = ('clean', 'corrupted')
+    assert list(ious.columns) == [f'{model}, {condition}' for model in table.index for condition in conditions]
+    assert ((ious.fillna(0) >= 0) & (ious.fillna(0) <= 1)).all().all()
     for name in ('predictions_baseline', 'predictions_augmix_jsd', 'augmix_views', 'lr_find_baseline',
                  'lr_find_augmix_jsd'):
         check_png(out / f'{name}.png')
@@ -361,6 +430,45 @@ def test_example_trains_on_a_camvid_style_folder(tmp_path):
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         script.main(['--quick', '--path', str(folder), '--size', '32', '--bs', '4', '--out', str(out)])
     check_outputs(out, printed.getvalue())
+
+
+def test_example_defaults_per_task():
+    script = load_example()
+    scenes, on_black = script.parse_args([]), script.parse_args(['--task', 'on-black'])
+    assert (scenes.task, scenes.size, scenes.bs, scenes.epochs, scenes.eval_images) == ('scenes', 32, 16, 6, 200)
+    # the earlier task keeps the settings its README numbers were measured with
+    assert (on_black.size, on_black.bs, on_black.epochs, on_black.eval_images) == (28, 64, 3, 500)
+    assert script.parse_args(['--size', '48', '--bs', '8', '--epochs', '2']).size == 48
+    assert script.parse_args(['--quick']).epochs == 1 and script.parse_args(['--all-ops']).all_ops
+
+
+def test_example_refuses_scenes_below_32_px(capsys):
+    with pytest.raises(SystemExit):
+        load_example().parse_args(['--size', '24'])
+    assert '--size must be at least 32 for --task scenes' in capsys.readouterr().err
+
+
+def test_prediction_figure_labels_its_columns_and_its_colours():
+    """The figure stands alone: which column is the image, the target and the prediction, and which colour is
+    which class (issue: a predictions figure without either)."""
+    import matplotlib.pyplot as plt
+    script = load_example()
+    dls = data_module.fashion_scenes_dls(size=32, bs=4, n_train=8, n_valid=4, seed=0)
+    learn = unet_learner(dls, script.small_encoder, pretrained=False, n_in=3, norm_type=None)
+    xb, yb = dls.valid.one_batch()
+    pixels = script.decode(xb, script.normalize_stats(dls.valid, xb.device)).clamp(0, 1)
+    fig = script.prediction_figure(learn, 'AugMix + JSD', pixels, yb, 'gaussian_noise', 0, dls.vocab)
+    titles = [ax.get_title() for ax in fig.axes[:5]]
+    assert titles == ['image', 'target', 'prediction', 'gaussian noise 3', 'prediction on it']
+    assert len(fig.axes) == 5 * len(pixels)
+    legend = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert legend == list(SEGMENTATION_CODES)
+    assert 'AugMix + JSD' in fig._suptitle.get_text()
+    # masks are drawn with one fixed colour per code, whatever the codes present in these images
+    target_image = fig.axes[1].get_images()[0]
+    assert target_image.get_clim() == (0, len(SEGMENTATION_CODES) - 1)
+    assert learn.model.training  # the predictions leave the model's mode as they found it
+    plt.close(fig)
 
 
 def test_example_refuses_a_folder_that_is_not_camvid_style(tmp_path, capsys):
