@@ -294,8 +294,10 @@ def test_unet_learner_session(seg_dls, tmp_path):
 SHIFT_REACH = 4
 # Blurs spread content around where it was: a symmetric kernel by up to a pixel either way at 64 px; motion
 # blur drags fading copies one way (the sharpest copy stays in place, as in Cityscapes-C, which keeps it):
-# measured 1-3 px at 64 px (up to 5% of the side at severity 5). Everything else moves no pixel at all.
-ALLOWED_SHIFT = {'defocus_blur': 1, 'glass_blur': 1, 'motion_blur': 3}
+# measured 1-3 px at 64 px (up to 5% of the side at severity 5). Glass blur is Tiny-ImageNet-C's at 64 px: the
+# script's shuffle swaps pixels up to 2 px apart at severities 4-5 (max_delta in benchmarks.py), so garments
+# blur by up to 2 px there. Everything else moves no pixel at all.
+ALLOWED_SHIFT = {'defocus_blur': 1, 'glass_blur': 2, 'motion_blur': 3}
 
 
 @pytest.fixture(scope='module')
