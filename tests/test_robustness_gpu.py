@@ -2,9 +2,7 @@
 round trips: `jpeg_compression` and the published files' save of Tiny-ImageNet-C / ImageNet-C), the GPU gives
 the CPU path's pixels for the same draws (the same distribution for its own draws), for every benchmark,
 nvJPEG against PIL, and evaluate_robustness reads results back once per batch plus once at the end."""
-import contextlib
 import types
-import warnings
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import torch
 from torch import nn
 
 from _images import photo_crops, to_grayscale, to_tensor
+from _syncs import count_syncs, sync_debug
 from fastai_jsd.robustness import (BENCHMARKS, CORRUPTIONS, EXTRA_CORRUPTIONS, SEGMENTATION_CORRUPTIONS, corrupt,
                                    evaluate_robustness)
 
@@ -32,26 +31,6 @@ def images(shape, seed=0):
 
 def generator(kind, seed=0):
     return None if kind is None else torch.Generator(kind).manual_seed(seed)
-
-
-@contextlib.contextmanager
-def sync_debug(mode):
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode(mode)
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-
-
-def count_syncs(fn):
-    """Host syncs torch reports while `fn` runs (set_sync_debug_mode('warn'))."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        with sync_debug('warn'):
-            fn()
-    return sum('synchroniz' in str(warning.message) for warning in caught)
 
 
 @pytest.mark.parametrize('benchmark', BENCHMARKS)

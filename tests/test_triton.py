@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from _images import photo_crops, to_grayscale, to_tensor
+from _syncs import count_syncs, sync_debug
 from fastai_jsd import AugMixCallback
 from fastai_jsd.augment import (NO_OP, OP_NAMES, AugMixParams, apply_augmix, augmix, backends, op_set, resolve_backend,
                                 sample_augmix, sampling)
@@ -579,15 +580,7 @@ def launches_per_call(function):
 def host_syncs(function):
     """Times one call of `function` makes the host wait for the GPU (torch's sync debug mode), after a warm-up call."""
     function()
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        torch.cuda.set_sync_debug_mode('warn')
-        try:
-            function()
-        finally:
-            torch.cuda.set_sync_debug_mode('default')
-    return sum('synchroniz' in str(warning.message) for warning in caught)
+    return count_syncs(function)
 
 
 @cuda
@@ -668,9 +661,6 @@ def test_callback_before_batch_never_waits_for_the_cuda_gpu():
     for mode in ('default', 'error'):  # the first call compiles the kernels
         learn.xb, learn.yb = (xb,), (yb,)
         torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode(mode)
-        try:
+        with sync_debug(mode):
             callback.before_batch()
-        finally:
-            torch.cuda.set_sync_debug_mode('default')
     assert learn.xb[0].shape[0] == 3 * xb.shape[0]
