@@ -1,22 +1,24 @@
-"""Compile fastai_jsd's Triton kernels for an H100/H200 (sm_90) without a GPU, as the launcher would, and report them.
+"""Compile fastai_jsd's Triton kernels for the GPUs users have, without a GPU, as the launcher would, and report them.
 
-The launcher itself is run: `triton_apply.apply_augmix` and `sample_arguments` are called on CPU tensors of the
-real shapes, layouts and dtypes, while Triton's JIT compiles instead of launching (a stand-in driver that
-targets sm_90, and `JITFunction.run` forced to its warm-up path). So every argument is specialised exactly as
-Triton's launcher specialises it: an int equal to 1 becomes a constant, multiples of 16 get a divisibility
-hint, ints of 2**31 and more become int64, pointers get their dtype. The shapes include 1-pixel rows and
-columns, one chain, one step, channels-last and strided views, half-precision output.
+The launcher itself is run: `triton_apply.apply_augmix` and `sample_arguments` are called on CPU tensors of the real
+shapes, layouts and dtypes, while Triton's JIT compiles instead of launching (a stand-in driver that targets each
+GPU in turn, and `JITFunction.run` forced to its warm-up path). So every argument is specialised exactly as Triton's
+launcher specialises it: an int equal to 1 becomes a constant, multiples of 16 get a divisibility hint, ints of
+2**31 and more become int64, pointers get their dtype. The shapes include 1-pixel rows and columns, one chain, one
+step, channels-last and strided views, half-precision output.
 
-Run with TRITON_INTERPRET unset (the interpreter would give interpreted functions, not kernels to compile).
-Each output line is a JSON report of one compiled variant: kernel name, its specialisation, registers and
-spill store bytes from ptxas, and the PTX instructions of approximate arithmetic it contains
-(`div.full.f32`, `div.approx`, `ex2.approx`, `rcp.approx`...). test_triton.py checks them; CI has no GPU,
-so this is where a kernel that would not compile, spill, or round differently from the torch backend shows up.
+Run with TRITON_INTERPRET unset (the interpreter would give interpreted functions, not kernels to compile), with the
+compute capabilities to compile for as arguments (default: every one in TARGETS). Each output line is a JSON report
+of one compiled variant: the target, kernel name, its specialisation, registers and spill store bytes from ptxas,
+and the PTX instructions of approximate arithmetic it contains (`div.full.f32`, `div.approx`, `ex2.approx`,
+`rcp.approx`...). test_triton.py checks them; CI has no GPU, so this is where a kernel that would not compile,
+spill, or round differently from the torch backend shows up.
 """
 import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import torch
@@ -32,13 +34,19 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bi
 # floors and comparisons need the correctly rounded results the torch backend computes (div.rn).
 APPROXIMATE = re.compile(r'\b(div\.full\.f32|div\.approx\.\S+|rcp\.approx\.\S+|ex2\.approx\.\S+|lg2\.approx\.\S+|'
                          r'sin\.approx\.\S+|cos\.approx\.\S+|sqrt\.approx\.\S+)')
+# Compute capabilities of the GPUs fastai users train on: T4 (Colab, Kaggle), A100, A10 and RTX 30, L4 and RTX 40,
+# H100 and H200, B200, RTX 50. Triton compiles for each separately; a kernel can fail or spill on one only.
+TARGETS = (75, 80, 86, 89, 90, 100, 120)
 
 
 class CompileOnlyDriver:
-    """Triton's view of the current GPU, without one: an sm_90 target, device 0, the default stream."""
+    """Triton's view of the current GPU, without one: a GPU of compute `capability`, device 0, the default stream."""
+
+    def __init__(self, capability):
+        self.capability = capability
 
     def get_current_target(self):
-        return GPUTarget('cuda', 90, 32)
+        return GPUTarget('cuda', self.capability, 32)
 
     def get_current_device(self):
         return 0
@@ -47,8 +55,9 @@ class CompileOnlyDriver:
         return 0
 
 
-def compile_launches(calls):
-    """The kernels Triton compiles for the launches `calls()` makes, as (JIT function, compiled kernel, grid)."""
+def compile_launches(calls, capability):
+    """The kernels Triton compiles for a GPU of `capability` for the launches `calls()` makes, as (JIT function,
+    compiled kernel, grid)."""
     compiled = {}
     run = JITFunction.run
 
@@ -57,7 +66,7 @@ def compile_launches(calls):
         compiled.setdefault(id(kernel), (self, kernel, grid))
         return kernel
     previous = driver.active if torch.cuda.is_available() else None  # None: Triton finds the driver on first use
-    driver.set_active(CompileOnlyDriver())
+    driver.set_active(CompileOnlyDriver(capability))
     JITFunction.run = compile_only
     try:
         calls()
@@ -68,12 +77,13 @@ def compile_launches(calls):
 
 
 def resources(name, ptx):
-    """(registers, spill store bytes) ptxas reports for the PTX of kernel `name`, assembled for sm_90a."""
+    """(registers, spill store bytes) ptxas reports for the PTX of kernel `name`, assembled for the PTX's target."""
+    architecture = re.search(r'^\s*\.target\s+(\w+)', ptx, re.MULTILINE).group(1)  # sm_90a, sm_75, ...
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, 'kernel.ptx')
         with open(path, 'w') as file:
             file.write(ptx)
-        report = subprocess.run([PTXAS, '-v', '--gpu-name', 'sm_90a', path, '-o', os.path.join(folder, 'kernel.o')],
+        report = subprocess.run([PTXAS, '-v', '--gpu-name', architecture, path, '-o', os.path.join(folder, 'kernel.o')],
                                 capture_output=True, text=True, check=True).stderr
     entry = report[report.index(f"Compiling entry function '{name}'"):]
     registers = int(entry.split('Used ')[1].split(' registers')[0])
@@ -128,11 +138,17 @@ def specialisation(function, kernel):
     return described
 
 
+def report_compiled(capability, function, kernel):
+    """Prints one compiled variant's JSON report: its target, specialisation, registers, spills, approximate PTX."""
+    name = kernel.metadata.name
+    ptx = kernel.asm['ptx']
+    registers, spills = resources(name, ptx)
+    print(json.dumps(dict(capability=capability, kernel=function.__name__, arguments=specialisation(function, kernel),
+                          num_warps=kernel.metadata.num_warps, registers=registers, spills=spills,
+                          approximate=sorted(set(APPROXIMATE.findall(ptx))))))
+
+
 if __name__ == '__main__':
-    for function, kernel, grid in compile_launches(launches):
-        name = kernel.metadata.name
-        ptx = kernel.asm['ptx']
-        registers, spills = resources(name, ptx)
-        print(json.dumps(dict(kernel=function.__name__, arguments=specialisation(function, kernel),
-                              num_warps=kernel.metadata.num_warps, registers=registers, spills=spills,
-                              approximate=sorted(set(APPROXIMATE.findall(ptx))))))
+    for capability in [int(argument) for argument in sys.argv[1:]] or TARGETS:
+        for function, kernel, grid in compile_launches(launches, capability):
+            report_compiled(capability, function, kernel)

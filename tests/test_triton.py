@@ -4,7 +4,7 @@ Without a GPU the kernels run on CPU tensors in Triton's interpreter (conftest.p
 TRITON_INTERPRET=1 before Triton is imported), which is slow, so the images here are small;
 the torch backend is itself checked against PIL in test_augmix.py and test_ops_*.py. Without a GPU,
 what the compiled kernels would do is checked twice more: _compile_kernels.py compiles the launcher's
-own launches for sm_90, and fake CUDA tensors show which copies, host syncs, launches and devices a
+own launches for sm_75 to sm_120, and fake CUDA tensors show which copies, host syncs, launches and devices a
 call asks for. The tests marked `cuda` (named so: `pytest -k cuda` selects them) run the compiled
 kernels and need a GPU (skipped without one).
 """
@@ -185,14 +185,15 @@ def test_callback_backends_give_the_same_views():
     assert (views['torch'] - views['triton']).abs().max() <= LEVEL
 
 
-def test_kernels_compile_for_a_gpu_as_launched_within_their_register_budget():
-    """CI has no GPU, and the interpreter runs kernels that would not compile: compile them for sm_90 here.
+def test_kernels_compile_for_the_gpus_users_have_as_launched_within_their_register_budget():
+    """CI has no GPU, and the interpreter runs kernels that would not compile: compile them for real GPUs here.
 
     tests/_compile_kernels.py runs the launcher and compiles what it would launch, specialised as Triton's
-    launcher specialises (an int equal to 1 becomes a constant: 1-pixel rows and columns, one chain, one step).
-    Every variant must compile within 128 registers (so at least 16 warps fit on an SM to hide memory latency)
-    with almost no spills, and without approximate division or exp2, which would round differently from the
-    torch backend (see triton_apply._divide).
+    launcher specialises (an int equal to 1 becomes a constant: 1-pixel rows and columns, one chain, one step),
+    once for each GPU in its TARGETS, from a T4 (Colab, Kaggle) to an H200 and an RTX 50. Every variant must
+    compile on each within 128 registers (so at least 16 warps fit on an SM to hide memory latency) with almost
+    no spills, and without approximate division or exp2, which would round differently from the torch backend
+    (see triton_apply._divide).
     """
     import json
     import os
@@ -210,16 +211,22 @@ def test_kernels_compile_for_a_gpu_as_launched_within_their_register_budget():
     for report in reports:
         assert report['registers'] <= 128 and report['spills'] <= 16, report
         assert report['approximate'] == [], report
+    capabilities = {report['capability'] for report in reports}
+    assert {75, 80, 86, 89, 90} <= capabilities, capabilities
 
-    def variants(kernel, **arguments):
-        return [r for r in reports if r['kernel'] == kernel
+    def variants(capability, kernel, **arguments):
+        return [r for r in reports if r['capability'] == capability and r['kernel'] == kernel
                 and all(r['arguments'][name] == value for name, value in arguments.items())]
-    for kernel in ('_statistics_kernel', '_step_kernel'):
-        assert variants(kernel, H=1) and variants(kernel, W=1) and variants(kernel, width=1)
-        assert variants(kernel, C=1) and variants(kernel, C=3) and variants(kernel, WIDE=True)
-    assert variants('_step_kernel', LAST=True, steps=1) and variants('_step_kernel', LAST=False)
-    assert variants('_arguments_kernel', height=1) and variants('_arguments_kernel', width=1)
-    assert variants('_arguments_kernel', GEOMETRIC=False)
+    for capability in capabilities:
+        for kernel in ('_statistics_kernel', '_step_kernel'):
+            assert variants(capability, kernel, H=1) and variants(capability, kernel, W=1), capability
+            assert variants(capability, kernel, width=1) and variants(capability, kernel, C=1), capability
+            assert variants(capability, kernel, C=3) and variants(capability, kernel, WIDE=True), capability
+        assert variants(capability, '_step_kernel', LAST=True, steps=1), capability
+        assert variants(capability, '_step_kernel', LAST=False), capability
+        assert variants(capability, '_arguments_kernel', height=1), capability
+        assert variants(capability, '_arguments_kernel', width=1), capability
+        assert variants(capability, '_arguments_kernel', GEOMETRIC=False), capability
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +285,53 @@ def test_a_triton_with_masked_histograms_runs_cuda_batches(installed_triton, ver
         warnings.simplefilter('error')
         assert resolve_backend(None, 'cuda') == 'triton'
         assert resolve_backend('triton', 'cuda') == 'triton'
+
+
+@pytest.fixture
+def installed_gpu(monkeypatch, installed_triton):
+    """Sets the GPU torch reports (name, compute capability, ROCm or not), with a Triton the kernels accept."""
+    installed_triton('3.8.0')
+
+    def install(name, capability, hip=None):
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+        monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)
+        monkeypatch.setattr(torch.version, 'hip', hip)
+    return install
+
+
+@pytest.mark.parametrize('name, capability', [('Tesla P100-PCIE-16GB', (6, 0)), ('Tesla K80', (3, 7))])
+def test_a_gpu_older_than_triton_supports_gets_the_torch_kernels_with_one_warning(installed_gpu, name, capability):
+    """PyTorch's rule for Triton is compute capability >= 7.0: a P100 (Kaggle) is not a GPU Triton supports."""
+    installed_gpu(name, capability)
+    expected = rf'capability >= 7\.0, and {name} is {capability[0]}\.{capability[1]}'
+    with pytest.warns(UserWarning, match=expected) as caught:
+        assert resolve_backend(None, 'cuda') == 'torch'
+        assert resolve_backend(None, 'cuda:0') == 'torch'
+    assert len(caught) == 1
+    with pytest.raises(ValueError, match=rf"backend='triton' cannot run on this GPU: .*{name}"):
+        resolve_backend('triton', 'cuda')
+
+
+@pytest.mark.parametrize('name, capability', [('Tesla V100-SXM2-16GB', (7, 0)), ('Tesla T4', (7, 5)),
+                                              ('NVIDIA H200', (9, 0)), ('NVIDIA GeForce RTX 5090', (12, 0))])
+def test_gpus_triton_supports_get_the_fused_kernels_silently(installed_gpu, name, capability):
+    installed_gpu(name, capability)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert resolve_backend(None, 'cuda') == 'triton'
+        assert resolve_backend('triton', 'cuda') == 'triton'
+        assert resolve_backend(None, 'cpu') == 'torch'
+
+
+def test_rocm_defaults_to_the_torch_kernels_but_may_ask_for_triton(installed_gpu):
+    """The kernels compile for AMD GPUs, but no one has compared their pixels there: the default stays torch."""
+    installed_gpu('AMD Instinct MI300X', (9, 4), hip='6.4.0')
+    with pytest.warns(UserWarning, match=r'AMD GPUs \(ROCm\)') as caught:
+        assert resolve_backend(None, 'cuda') == 'torch'
+        assert resolve_backend(None, 'cuda') == 'torch'
+    assert len(caught) == 1
+    assert resolve_backend('triton', 'cuda') == 'triton'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,6 +462,12 @@ def fake_gpu(monkeypatch):
 
 def fake_images(batch, height=8, width=8, device='cuda:0', channels=3):
     return torch.empty(batch, channels, height, width, device=device)
+
+
+def test_triton_on_a_too_old_gpu_is_refused_before_any_work(installed_gpu, fake_gpu):
+    installed_gpu('Tesla P100-PCIE-16GB', (6, 0))
+    with pytest.raises(ValueError, match=r'compute capability >= 7\.0'):
+        fake_gpu(lambda: augmix(fake_images(4), backend='triton'))
 
 
 def test_a_cpu_generator_costs_a_cuda_batch_no_host_sync(fake_gpu):

@@ -48,7 +48,8 @@ def apply_augmix(x, params, fill=0., backend=None):
     mixed = (1 - m) * x + m * sum_i w_i * chain_i(x), the paper's mixing, with every image's
     own m, w, ops and arguments from `params`. `backend`: 'torch' (the grouped kernels of this
     module, any device), 'triton' (fused CUDA kernels, triton_apply.py) or None ('triton' for CUDA
-    tensors when Triton >= 3.4 imports, else 'torch'); both give the same pixels to within 1/255.
+    tensors when Triton >= 3.4 imports and the GPU is an NVIDIA one of compute capability >= 7.0,
+    else 'torch'); both give the same pixels to within 1/255.
     `params` and a tensor `fill` may be on the CPU: they are queued to x's device without waiting
     for it. Half-precision images are augmented in float32. Augmentation is not differentiable: it
     runs without autograd, and the result never requires grad. The values of params that

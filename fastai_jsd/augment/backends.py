@@ -1,7 +1,10 @@
 """Which kernels apply AugMix: the grouped torch kernels (any device) or the fused Triton kernels (CUDA).
 
 Triton is optional (it ships with PyTorch's Linux CUDA wheels): it is imported on first use, and a
-failed import, or a Triton older than the kernels need, only rules out `backend='triton'`.
+failed import, or a Triton older than the kernels need, only rules out `backend='triton'`. The default
+also keeps the torch kernels on GPUs the fused kernels are not made for: NVIDIA GPUs older than Triton
+supports, and AMD GPUs (ROCm), where they compile but no one has checked their pixels against the torch
+kernels' (`backend='triton'` still runs them there).
 """
 import re
 import warnings
@@ -13,6 +16,9 @@ BACKENDS = ('torch', 'triton')
 # the version PyTorch 2.8 ships; older ones fail to compile the statistics kernel at the first batch.
 TRITON_NEEDED = (3, 4)
 TRITON_NEEDED_TEXT = "Triton >= 3.4 (it ships with PyTorch >= 2.8)"
+# PyTorch's own rule for Triton (torch._inductor's GPUTooOldForTriton): CUDA compute capability 7.0 or newer, so no
+# Pascal (P100, Kaggle's other GPU) or older.
+TRITON_CAPABILITY = (7, 0)
 _TRITON = []  # the imported triton_apply module, or the exception that rules it out
 _WARNED = []  # whether the default backend has said once why CUDA batches use the torch kernels
 
@@ -47,19 +53,45 @@ def triton_interprets(kernels):
     return kernels.INTERPRETED
 
 
+def gpu_unsupported(device):
+    """Why the fused kernels are not the default on CUDA `device` (None when they are): a ROCm build, or too old a GPU.
+
+    Only asks a GPU that is there: without CUDA (fake CUDA tensors in tests) nothing can launch anyway.
+    """
+    if not torch.cuda.is_available():
+        return None
+    if torch.version.hip:
+        return ("on AMD GPUs (ROCm) the fused kernels compile but their pixels have not been checked against the "
+                "torch kernels'")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < TRITON_CAPABILITY:
+        return (f"Triton supports CUDA compute capability >= {'.'.join(map(str, TRITON_CAPABILITY))}, and "
+                f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
+    return None
+
+
 def _default_backend(device):
-    """'triton' for CUDA tensors when the fused kernels can run, else 'torch' (saying once why if Triton is too old)."""
+    """'triton' for CUDA tensors where the fused kernels run, else 'torch' (saying once why, if Triton is there)."""
     if torch.device(device).type != 'cuda':
         return 'torch'
     kernels = triton_kernels()
-    if not isinstance(kernels, Exception):
+    if isinstance(kernels, TritonTooOld):
+        _warn_once(f"{kernels}. Upgrade PyTorch (or Triton) for the fused kernels")
+    elif isinstance(kernels, Exception):  # no Triton: the torch kernels are simply what there is
+        return 'torch'
+    elif (why := gpu_unsupported(device)) is not None:
+        _warn_once(why)
+    else:
         return 'triton'
-    if isinstance(kernels, TritonTooOld) and not _WARNED:
-        _WARNED.append(True)
-        warnings.warn(f"AugMix runs on CUDA with its torch kernels (same pixels, more launches and one host sync "
-                      f"per call): {kernels}. Upgrade PyTorch (or Triton) for the fused kernels; "
-                      f"backend='torch' silences this warning.", stacklevel=3)
     return 'torch'
+
+
+def _warn_once(reason):
+    """Says once per process why CUDA batches use the torch kernels (every batch would repeat it)."""
+    if not _WARNED:
+        _WARNED.append(True)
+        warnings.warn(f"AugMix runs on CUDA with its torch kernels (same pixels, more launches and one host sync per "
+                      f"call): {reason}; backend='torch' silences this warning.", stacklevel=4)
 
 
 def resolve_backend(backend, device):
@@ -68,7 +100,7 @@ def resolve_backend(backend, device):
         return _default_backend(device)
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be 'torch' (any device), 'triton' (fused CUDA kernels) or None (Triton for "
-                         f"CUDA tensors when it imports, else torch), got {backend!r}.")
+                         f"CUDA tensors where it runs, else torch), got {backend!r}.")
     if backend == 'triton':
         kernels = triton_kernels()
         if isinstance(kernels, TritonTooOld):
@@ -78,6 +110,10 @@ def resolve_backend(backend, device):
         if isinstance(kernels, Exception):
             raise ValueError(f"backend='triton' needs Triton, which did not import ({kernels!r}); install it (it "
                              f"ships with PyTorch's Linux CUDA wheels) or use backend='torch'.")
+        why = gpu_unsupported(device) if torch.device(device).type == 'cuda' else None
+        if why is not None and not torch.version.hip:
+            raise ValueError(f"backend='triton' cannot run on this GPU: {why}. Use backend='torch' (same pixels) or "
+                             f"None (the torch kernels on such GPUs).")
         if torch.device(device).type != 'cuda' and not triton_interprets(kernels):
             raise ValueError(f"backend='triton' runs on CUDA tensors, but the images are on {device}. Use "
                              f"backend='torch' (or None to choose by device), or set the environment variable "
