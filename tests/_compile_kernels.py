@@ -22,25 +22,29 @@ import sys
 import tempfile
 
 import torch
-import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
 from fastai_jsd.augment import sample_augmix, triton_apply
 
-PTXAS = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas')
 # Approximate PTX arithmetic: fast division (div.full, div.approx), reciprocal, exp2 and friends. The kernels'
 # floors and comparisons need the correctly rounded results the torch backend computes (div.rn).
 APPROXIMATE = re.compile(r'\b(div\.full\.f32|div\.approx\.\S+|rcp\.approx\.\S+|ex2\.approx\.\S+|lg2\.approx\.\S+|'
                          r'sin\.approx\.\S+|cos\.approx\.\S+|sqrt\.approx\.\S+)')
-# Compute capabilities of the GPUs fastai users train on: T4 (Colab, Kaggle), A100, A10 and RTX 30, L4 and RTX 40,
-# H100 and H200, B200, RTX 50. Triton compiles for each separately; a kernel can fail or spill on one only.
-TARGETS = (75, 80, 86, 89, 90, 100, 120)
+# Compute capabilities of the GPUs fastai users train on, from the oldest Triton supports: V100, T4 (Colab, Kaggle),
+# A100, A10 and RTX 30, L4 and RTX 40, H100 and H200, B200, RTX 50. Triton compiles for each separately; a kernel
+# can fail or spill on one only.
+TARGETS = (70, 75, 80, 86, 89, 90, 100, 120)
 
 
 class CompileOnlyDriver:
-    """Triton's view of the current GPU, without one: a GPU of compute `capability`, device 0, the default stream."""
+    """Triton's view of the current GPU, without one: a GPU of compute `capability`, the default stream.
+
+    Its device number is the capability: Triton keeps compiled kernels per device, and on one device number a second
+    target would be handed the first target's kernels.
+    """
 
     def __init__(self, capability):
         self.capability = capability
@@ -49,7 +53,7 @@ class CompileOnlyDriver:
         return GPUTarget('cuda', self.capability, 32)
 
     def get_current_device(self):
-        return 0
+        return self.capability
 
     def get_current_stream(self, device=None):
         return 0
@@ -76,15 +80,23 @@ def compile_launches(calls, capability):
     return list(compiled.values())
 
 
-def resources(name, ptx):
-    """(registers, spill store bytes) ptxas reports for the PTX of kernel `name`, assembled for the PTX's target."""
-    architecture = re.search(r'^\s*\.target\s+(\w+)', ptx, re.MULTILINE).group(1)  # sm_90a, sm_75, ...
+def architecture(ptx):
+    """The GPU architecture the PTX was generated for: sm_75, sm_90a, ..."""
+    return re.search(r'^\s*\.target\s+(\w+)', ptx, re.MULTILINE).group(1)
+
+
+def resources(name, ptx, capability):
+    """(registers, spill store bytes) ptxas reports for the PTX of kernel `name`, assembled for the PTX's target.
+
+    The ptxas is the one Triton assembles with for that GPU (Blackwell's PTX needs a newer one).
+    """
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, 'kernel.ptx')
         with open(path, 'w') as file:
             file.write(ptx)
-        report = subprocess.run([PTXAS, '-v', '--gpu-name', architecture, path, '-o', os.path.join(folder, 'kernel.o')],
-                                capture_output=True, text=True, check=True).stderr
+        command = [get_ptxas(capability).path, '-v', '--gpu-name', architecture(ptx), path,
+                   '-o', os.path.join(folder, 'kernel.o')]
+        report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
     entry = report[report.index(f"Compiling entry function '{name}'"):]
     registers = int(entry.split('Used ')[1].split(' registers')[0])
     spills = int(entry.split(' bytes spill stores')[0].rsplit(', ', 1)[-1])
@@ -142,8 +154,9 @@ def report_compiled(capability, function, kernel):
     """Prints one compiled variant's JSON report: its target, specialisation, registers, spills, approximate PTX."""
     name = kernel.metadata.name
     ptx = kernel.asm['ptx']
-    registers, spills = resources(name, ptx)
-    print(json.dumps(dict(capability=capability, kernel=function.__name__, arguments=specialisation(function, kernel),
+    registers, spills = resources(name, ptx, capability)
+    print(json.dumps(dict(capability=capability, architecture=architecture(ptx), kernel=function.__name__,
+                          arguments=specialisation(function, kernel),
                           num_warps=kernel.metadata.num_warps, registers=registers, spills=spills,
                           approximate=sorted(set(APPROXIMATE.findall(ptx))))))
 

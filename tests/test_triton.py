@@ -4,7 +4,7 @@ Without a GPU the kernels run on CPU tensors in Triton's interpreter (conftest.p
 TRITON_INTERPRET=1 before Triton is imported), which is slow, so the images here are small;
 the torch backend is itself checked against PIL in test_augmix.py and test_ops_*.py. Without a GPU,
 what the compiled kernels would do is checked twice more: _compile_kernels.py compiles the launcher's
-own launches for sm_75 to sm_120, and fake CUDA tensors show which copies, host syncs, launches and devices a
+own launches for sm_70 to sm_120, and fake CUDA tensors show which copies, host syncs, launches and devices a
 call asks for. The tests marked `cuda` (named so: `pytest -k cuda` selects them) run the compiled
 kernels and need a GPU (skipped without one).
 """
@@ -188,12 +188,12 @@ def test_callback_backends_give_the_same_views():
 def test_kernels_compile_for_the_gpus_users_have_as_launched_within_their_register_budget():
     """CI has no GPU, and the interpreter runs kernels that would not compile: compile them for real GPUs here.
 
-    tests/_compile_kernels.py runs the launcher and compiles what it would launch, specialised as Triton's
-    launcher specialises (an int equal to 1 becomes a constant: 1-pixel rows and columns, one chain, one step),
-    once for each GPU in its TARGETS, from a T4 (Colab, Kaggle) to an H200 and an RTX 50. Every variant must
-    compile on each within 128 registers (so at least 16 warps fit on an SM to hide memory latency) with almost
-    no spills, and without approximate division or exp2, which would round differently from the torch backend
-    (see triton_apply._divide).
+    tests/_compile_kernels.py runs the launcher and compiles what it would launch, specialised as Triton's launcher
+    specialises (an int equal to 1 becomes a constant: 1-pixel rows and columns, one chain, one step), once for each
+    GPU in its TARGETS, from a V100 and a T4 (Colab, Kaggle) to an H200 and an RTX 50. Every variant must compile on
+    each within 128 registers (so at least 16 warps fit on an SM to hide memory latency; on the V100, whose compiler
+    takes more, 168: 12 warps) with almost no spills, and without approximate division or exp2, which would round
+    differently from the torch backend (see triton_apply._divide).
     """
     import json
     import os
@@ -209,10 +209,12 @@ def test_kernels_compile_for_the_gpus_users_have_as_launched_within_their_regist
     assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
     for report in reports:
-        assert report['registers'] <= 128 and report['spills'] <= 16, report
+        assert report['architecture'].startswith(f"sm_{report['capability']}"), report  # compiled for that GPU
+        assert report['registers'] <= (168 if report['capability'] < 75 else 128), report
+        assert report['spills'] <= 16, report
         assert report['approximate'] == [], report
     capabilities = {report['capability'] for report in reports}
-    assert {75, 80, 86, 89, 90} <= capabilities, capabilities
+    assert {70, 75, 80, 86, 89, 90} <= capabilities, capabilities
 
     def variants(capability, kernel, **arguments):
         return [r for r in reports if r['capability'] == capability and r['kernel'] == kernel

@@ -69,9 +69,9 @@ PI_OVER_180 = tl.constexpr(0.017453292519943295)
 # Per chain and channel: 256 values (equalize's table; autocontrast, contrast, posterize, solarize and sharpness
 # use the first three at most).
 STATISTICS_SIZE = tl.constexpr(256)
-# Launch shapes, chosen by registers and spills in ptxas's report (tests/_compile_kernels.py, sm_75 to sm_120: the
-# step kernel holds every op's code, and 256 pixels over 4 warps keep it within 128 registers without spills);
-# the statistics kernel scans a whole image per program, so it takes wider blocks.
+# Launch shapes, chosen by registers and spills in ptxas's report (tests/_compile_kernels.py, sm_70 to sm_120: the
+# step kernel holds every op's code, and 256 pixels over 4 warps keep it within 128 registers without spills, 168
+# on a V100); the statistics kernel scans a whole image per program, so it takes wider blocks.
 STEP_PIXELS, STEP_WARPS = 256, 4
 STATISTICS_PIXELS, STATISTICS_WARPS = 2048, 8
 # The most bytes of ping-pong images and statistics one launch sequence may use (see the module docs): a few
