@@ -85,16 +85,21 @@ def architecture(ptx):
     return re.search(r'^\s*\.target\s+(\w+)', ptx, re.MULTILINE).group(1)
 
 
-def resources(name, ptx, capability):
-    """(registers, spill store bytes) ptxas reports for the PTX of kernel `name`, assembled for the PTX's target.
+def ptxas_for(capability):
+    """The ptxas Triton assembles with for a GPU of `capability` (from Triton 3.5, Blackwell's PTX has its own)."""
+    try:
+        return get_ptxas(capability).path
+    except TypeError:  # Triton 3.4: one ptxas for every GPU
+        return get_ptxas().path
 
-    The ptxas is the one Triton assembles with for that GPU (Blackwell's PTX needs a newer one).
-    """
+
+def resources(name, ptx, capability):
+    """(registers, spill store bytes) ptxas reports for the PTX of kernel `name`, assembled for the PTX's target."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, 'kernel.ptx')
         with open(path, 'w') as file:
             file.write(ptx)
-        command = [get_ptxas(capability).path, '-v', '--gpu-name', architecture(ptx), path,
+        command = [ptxas_for(capability), '-v', '--gpu-name', architecture(ptx), path,
                    '-o', os.path.join(folder, 'kernel.o')]
         report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
     entry = report[report.index(f"Compiling entry function '{name}'"):]
