@@ -466,7 +466,7 @@ def fake_images(batch, height=8, width=8, device='cuda:0', channels=3):
     return torch.empty(batch, channels, height, width, device=device)
 
 
-def test_triton_on_a_too_old_gpu_is_refused_before_any_work(installed_gpu, fake_gpu):
+def test_augmix_with_triton_on_a_too_old_gpu_is_refused_with_the_reason(installed_gpu, fake_gpu):
     installed_gpu('Tesla P100-PCIE-16GB', (6, 0))
     with pytest.raises(ValueError, match=r'compute capability >= 7\.0'):
         fake_gpu(lambda: augmix(fake_images(4), backend='triton'))
