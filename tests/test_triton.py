@@ -293,6 +293,7 @@ def test_a_triton_with_masked_histograms_runs_cuda_batches(installed_triton, ver
 def installed_gpu(monkeypatch, installed_triton):
     """Sets the GPU torch reports (name, compute capability, ROCm or not), with a Triton the kernels accept."""
     installed_triton('3.8.0')
+    monkeypatch.setattr(backends, '_GPU_VERDICTS', {})
 
     def install(name, capability, hip=None):
         monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
@@ -324,6 +325,16 @@ def test_gpus_triton_supports_get_the_fused_kernels_silently(installed_gpu, name
         assert resolve_backend(None, 'cuda') == 'triton'
         assert resolve_backend('triton', 'cuda') == 'triton'
         assert resolve_backend(None, 'cpu') == 'torch'
+
+
+def test_the_gpu_is_asked_once_per_device_not_every_batch(installed_gpu, monkeypatch):
+    installed_gpu('Tesla T4', (7, 5))
+    asked = []
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: asked.append(device) or (7, 5))
+    for _ in range(3):
+        assert resolve_backend(None, 'cuda:0') == 'triton' and resolve_backend('triton', 'cuda:0') == 'triton'
+    assert resolve_backend(None, 'cuda:1') == 'triton'
+    assert asked == [torch.device('cuda:0'), torch.device('cuda:1')]
 
 
 def test_rocm_defaults_to_the_torch_kernels_but_may_ask_for_triton(installed_gpu):

@@ -21,6 +21,7 @@ TRITON_NEEDED_TEXT = "Triton >= 3.4 (it ships with PyTorch >= 2.8)"
 TRITON_CAPABILITY = (7, 0)
 _TRITON = []  # the imported triton_apply module, or the exception that rules it out
 _WARNED = []  # whether the default backend has said once why CUDA batches use the torch kernels
+_GPU_VERDICTS = {}  # torch.device -> gpu_unsupported's answer, asked once per device rather than every batch
 
 
 class TritonTooOld(ImportError):
@@ -54,7 +55,15 @@ def triton_interprets(kernels):
 
 
 def gpu_unsupported(device):
-    """Why the fused kernels are not the default on CUDA `device` (None when they are): a ROCm build, or too old a GPU.
+    """Why the fused kernels are not the default on CUDA `device` (None when they are): ROCm, or too old a GPU."""
+    device = torch.device(device)
+    if device not in _GPU_VERDICTS:
+        _GPU_VERDICTS[device] = _ask_gpu(device)
+    return _GPU_VERDICTS[device]
+
+
+def _ask_gpu(device):
+    """gpu_unsupported's answer, from the driver.
 
     Only asks a GPU that is there: without CUDA (fake CUDA tensors in tests) nothing can launch anyway.
     """
